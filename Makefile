@@ -1,0 +1,30 @@
+# Two commands on a fresh machine (Python 3.10+ with venv):
+#   make demo   — creates .venv, installs everything, runs the pipeline on the embedded default (configs/demo.yaml)
+#   make test   — creates .venv, installs everything, runs the test suite
+# torch is installed first and pinned, so pip never pulls a multi-GB CUDA build onto a CPU machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: install
+	$(PY) -m asclepius.cli run --config configs/demo.yaml $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

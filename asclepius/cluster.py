@@ -1,0 +1,32 @@
+"""Connecting to Ray: a local instance for the embedded default, or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from asclepius.config import RayConfig
+
+log = logging.getLogger("asclepius")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start or join Ray once per process; a job run by `ray job submit` joins its cluster."""
+    if ray.is_initialized():
+        return
+    # Our package must be importable by every worker: under `ray job submit --working-dir .` Ray ships it; for a
+    # local run the workers inherit the driver's environment.
+    kwargs: dict = {"log_to_driver": True, "include_dashboard": cfg.include_dashboard}
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("joined Ray cluster at %s", address)
+        return
+    if cfg.num_cpus:
+        kwargs["num_cpus"] = cfg.num_cpus
+    if cfg.object_store_memory_mb:
+        kwargs["object_store_memory"] = cfg.object_store_memory_mb << 20
+    ray.init(**kwargs)
+    log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))

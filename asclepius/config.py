@@ -1,0 +1,224 @@
+"""Configuration: pydantic models for every stage, YAML presets, and `key.sub=value` overrides.
+
+Every value that comes from the Asclepius recipe has the recipe's value as its default (read from
+asclepius/recipe/, never retyped), so a preset only states what differs from the recipe.
+Unknown fields are errors (a typo in a preset must not silently fall back to a default), and every error names
+the field by its dotted path, e.g. `notes.sources.0.kind`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from asclepius.recipe import load_recipe
+
+_RECIPE = load_recipe()
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending field(s)."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- Ray
+class RayConfig(StrictModel):
+    address: str | None = Field(
+        None, description="Ray address to connect to ('auto', 'ray://...'); None starts a local instance."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance (None: all).")
+    object_store_memory_mb: int | None = Field(None, ge=75)
+    include_dashboard: bool = False
+
+
+# --------------------------------------------------------------------------------------------------- notes
+SourceKind = Literal["mimic3", "mimic4", "pmc", "generic"]
+
+
+class NoteSourceConfig(StrictModel):
+    kind: SourceKind
+    path: str = Field(
+        description="A file, a directory of files, a glob, or `sample:<kind>` for the bundled fictional samples. "
+        "Local paths or pyarrow filesystem URIs (s3://, gs://). CSV may be gzip-compressed (.csv.gz)."
+    )
+    name: str | None = Field(None, description="Value of the `source` column; defaults to `kind`.")
+    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
+    # generic sources: which column holds the note, which its id, what else to keep (into `extra`)
+    text_column: str | None = None
+    id_column: str | None = None
+    keep_columns: list[str] = Field(default_factory=list)
+    # MIMIC-III: the recipe keeps CATEGORY == "Discharge summary" and removes its 517 evaluation ROW_IDs
+    keep_categories: list[str] = Field(default_factory=lambda: [load_recipe().raw["mimic3_filter"]["keep_category"]])
+    exclude_row_ids_file: str | None = Field(
+        None, description="File of ROW_IDs to exclude (one per line); None uses the recipe's 517 ids."
+    )
+    drop_iserror: bool = True
+    # MIMIC-IV-Note: discharge notes have note_type DS
+    keep_note_types: list[str] = Field(default_factory=lambda: ["DS"])
+
+    @property
+    def source_name(self) -> str:
+        return self.name or self.kind
+
+    @model_validator(mode="after")
+    def _generic_needs_text_column(self) -> "NoteSourceConfig":
+        if self.kind == "generic" and not self.text_column:
+            raise ValueError("a generic source needs `text_column` (the column holding the note text)")
+        return self
+
+
+class NotesConfig(StrictModel):
+    sources: list[NoteSourceConfig] = Field(min_length=1)
+    deid_tag_map: dict[str, str] = Field(default_factory=lambda: dict(_RECIPE.deid_tag_map))
+    deid_fallback_tag: str = Field(
+        "[DEID]", description="Tag for MIMIC-III placeholders of a type the recipe's map does not know (counted)."
+    )
+    mimic4_placeholder_tag: str = Field("[DEID]", description="What MIMIC-IV-Note's `___` placeholders become.")
+    on_bad_utf8: Literal["replace", "drop"] = Field(
+        "replace", description="Undecodable bytes: replace with U+FFFD and flag the row, or drop it (counted)."
+    )
+    min_chars: int = Field(1, ge=1, description="Notes shorter than this after stripping whitespace are dropped.")
+
+
+# --------------------------------------------------------------------------------------------------- model/train
+class ModelConfig(StrictModel):
+    base: str = Field(description="HF model id, a local HF directory, `gguf:<file>`, `smollm2` or `tiny`.")
+    tokenizer: str | None = Field(None, description="Tokenizer source; None uses `base`.")
+    use_fast_tokenizer: bool = False  # the recipe loads LLaMA's SentencePiece tokenizer with use_fast=False
+
+
+class TrainHyperparams(StrictModel):
+    """Hyper-parameters of one training stage; defaults are filled from the recipe per stage."""
+
+    epochs: float = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_ratio: float = Field(ge=0, le=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"]
+    global_batch: int = Field(ge=1)
+    micro_batch: int = Field(1, ge=1)
+    max_len: int = Field(ge=8)
+    bf16: bool
+    gradient_checkpointing: bool = True
+    zero_stage: Literal[2, 3] = 3
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+
+
+def _recipe_train_defaults(stage: str) -> dict[str, Any]:
+    keys = ("epochs", "lr", "weight_decay", "warmup_ratio", "lr_scheduler", "global_batch", "max_len", "bf16")
+    values = {k: _RECIPE.raw[stage][k] for k in keys}
+    values["gradient_checkpointing"] = _RECIPE.raw[stage].get("gradient_checkpointing", True)
+    return values
+
+
+# --------------------------------------------------------------------------------------------------- whole config
+class Config(StrictModel):
+    run_dir: str = Field(description="Run directory: local path or pyarrow filesystem URI (s3://...).")
+    seed: int = 0
+    ray: RayConfig = Field(default_factory=RayConfig)
+    notes: NotesConfig
+    model: ModelConfig | None = None
+    pretrain: TrainHyperparams
+    finetune: TrainHyperparams
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_training_defaults(cls, data: Any) -> Any:
+        # A preset states only what differs from the recipe: `pretrain: {micro_batch: 4}` keeps the recipe's lr.
+        if isinstance(data, dict):
+            data = dict(data)
+            for section, stage in (("pretrain", "pretraining"), ("finetune", "finetuning")):
+                given = data.get(section) or {}
+                if isinstance(given, dict):
+                    data[section] = {**_recipe_train_defaults(stage), **given}
+        return data
+
+    def stage_hash(self, section: str) -> str:
+        """A stable hash of one section: a stage whose section changed is rerun, others are skipped."""
+        value = getattr(self, section)
+        dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        payload = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        got_text = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}{got_text}")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML scalar rules: `4` is an int, `true` a bool, `null` None, `[a, b]` a list, anything else a string.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; list items are addressed by index (`sources.0.path`)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    key, raw_value = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key}: {where} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is a value, not a section")
+    last = parts[-1]
+    value = _parse_scalar(raw_value)
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {key}: {last} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is a value, not a section")
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), origin: str = "dict") -> Config:
+    data = json.loads(json.dumps(data))  # deep copy, and proves the data is plain JSON-like values
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(data, overrides, origin=str(path))

@@ -1,0 +1,88 @@
+"""The notes stage end to end on the session's local Ray instance."""
+
+import csv
+import json
+import logging
+
+import pyarrow.parquet as pq
+import pytest
+
+from asclepius.config import config_from_dict
+from asclepius.notes.readers import NotesInputError
+from asclepius.notes.stage import read_notes, run_notes_stage
+from asclepius.run import RunDir
+
+pytestmark = pytest.mark.ray
+
+
+def adversarial_csv(path):
+    header = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME", "CATEGORY", "DESCRIPTION", "CGID", "ISERROR", "TEXT"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerow([1, 1, 1, "", "", "", "Discharge summary", "", "", "", "SECRET-NOTE-TEXT-1 multi\nline [**First Name 9**]"])
+        f.write('2,1,1,"","Discharge summary","too few fields"\n')
+        w.writerow([3, 1, 1, "", "", "", "Discharge summary", "", "", "", "BADBYTE note"])
+        w.writerow([4, 1, 1, "", "", "", "Discharge summary", "", "", "", ""])
+    path.write_bytes(path.read_bytes().replace(b"BADBYTE", b"\xff\xfe"))
+    return path
+
+
+def test_notes_stage_end_to_end(ray_local, tmp_path, caplog):
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "notes": {
+            "sources": [
+                {"kind": "mimic3", "path": "sample:mimic3"},
+                {"kind": "mimic4", "path": "sample:mimic4"},
+                {"kind": "pmc", "path": "sample:pmc"},
+                {"kind": "mimic3", "name": "adversarial", "path": str(adversarial_csv(tmp_path / "adv.csv"))},
+            ]
+        },
+    }
+    cfg = config_from_dict(data)
+    run = RunDir.open(cfg.run_dir)
+    with caplog.at_level(logging.INFO):
+        entry = run_notes_stage(cfg, run)
+
+    notes = read_notes(run).to_pandas()
+    assert sorted(notes.note_id) == sorted(
+        ["mimic3-90001", "mimic3-90004", "mimic3-90006", "mimic3-90009", "mimic3-90010", "mimic3-90012"]
+        + ["10000032-DS-21", "10000084-DS-17"]
+        + [f"pmc-90000{i:02d}-1" for i in range(1, 13)]
+        + ["adversarial-1", "adversarial-3"]
+    )
+    assert notes.note_id.is_unique
+    adv = notes.set_index("note_id")
+    assert adv.loc["adversarial-1", "text"] == "SECRET-NOTE-TEXT-1 multi\nline  [Name]"
+    assert adv.loc["adversarial-3", "text"] == "\ufffd\ufffd note" and bool(adv.loc["adversarial-3", "utf8_repaired"])
+    assert set(notes.source) == {"mimic3", "mimic4", "pmc", "adversarial"}
+
+    # counts: per source and in total, every row accounted for
+    assert entry["sources"]["0:mimic3"]["kept"] == 6 and entry["sources"]["0:mimic3"]["dropped:eval_set"] == 1
+    adv_counts = entry["sources"]["3:adversarial"]
+    assert (adv_counts["read"], adv_counts["kept"], adv_counts["dropped:malformed_row"], adv_counts["dropped:empty_text"]) == (4, 2, 1, 1)
+    assert entry["totals"]["read"] == 12 + 3 + 12 + 4 and entry["totals"]["kept"] == 22
+    assert entry["malformed_rows"]["count"] == 1 and entry["malformed_rows"]["first"][0]["file"].endswith("adv.csv")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["notes"]["totals"] == entry["totals"] and manifest["stages"]["notes"]["status"] == "complete"
+    assert not (tmp_path / "run" / "notes" / "_attempts").exists()
+
+    # no note text in any log line
+    assert "SECRET-NOTE-TEXT" not in caplog.text and "fields missing" not in caplog.text
+
+    # rerun: skipped; changed config: runs again and replaces the output (no duplicates)
+    assert run_notes_stage(cfg, run)["skipped"] is True
+    cfg2 = config_from_dict(data, ["notes.sources.3.keep_categories=[Nursing]"])
+    entry2 = run_notes_stage(cfg2, run)
+    assert "skipped" not in entry2 and entry2["sources"]["3:adversarial"]["kept"] == 0
+    assert len(read_notes(run)) == 20
+    files = list((tmp_path / "run" / "notes").glob("*.parquet"))
+    assert sum(pq.read_metadata(f).num_rows for f in files) == 20
+
+
+def test_bad_input_fails_before_any_work(ray_local, tmp_path):
+    cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "notes": {"sources": [{"kind": "pmc", "path": str(tmp_path / "none.csv")}]}})
+    with pytest.raises(NotesInputError, match=r"notes\.sources\.0\.path"):
+        run_notes_stage(cfg, RunDir.open(cfg.run_dir))
+    assert not (tmp_path / "run" / "manifest.json").exists()
