@@ -86,6 +86,9 @@ class NotesConfig(StrictModel):
         "replace", description="Undecodable bytes: replace with U+FFFD and flag the row, or drop it (counted)."
     )
     min_chars: int = Field(1, ge=1, description="Notes shorter than this after stripping whitespace are dropped.")
+    block_mb: int = Field(
+        16, ge=1, description="Ray Data block size: each block becomes one Parquet file; smaller uses less memory."
+    )
 
 
 # --------------------------------------------------------------------------------------------------- model/train

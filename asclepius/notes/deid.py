@@ -31,20 +31,43 @@ MONTHS = (
 
 def placeholder_tag(span: str, tag_map: dict[str, str], fallback: str) -> tuple[str, bool]:
     """The replacement for one placeholder's inner text, and whether a recipe rule knew it."""
-    for key, tag in tag_map.items():
-        if key in span or key.lower() in span:
-            return tag, True
-    if len(span.split("-")) == 3:
-        return span, True
-    if span.strip().isnumeric():
-        return "[Reg#]", True
-    if span.replace("-", "").replace("/", "").isnumeric():
-        return span, True
-    if any(month in span for month in MONTHS):
-        return span, True
-    if span.strip() == "":
-        return "", True
-    return fallback, False
+    return PlaceholderTagger(tag_map, fallback)(span)
+
+
+class PlaceholderTagger:
+    """The recipe's rules with the map's lower-cased keys computed once and recent answers cached: a MIMIC-III
+    discharge summary has dozens of placeholders and most repeat (hospitals, name types, common dates)."""
+
+    CACHE_SIZE = 200_000
+
+    def __init__(self, tag_map: dict[str, str], fallback: str):
+        self.keys = [(key, key.lower(), tag) for key, tag in tag_map.items()]
+        self.fallback = fallback
+        self.cache: dict[str, tuple[str, bool]] = {}
+
+    def __call__(self, span: str) -> tuple[str, bool]:
+        hit = self.cache.get(span)
+        if hit is None:
+            if len(self.cache) >= self.CACHE_SIZE:
+                self.cache.clear()
+            hit = self.cache[span] = self._rules(span)
+        return hit
+
+    def _rules(self, span: str) -> tuple[str, bool]:
+        for key, lower, tag in self.keys:
+            if key in span or lower in span:
+                return tag, True
+        if len(span.split("-")) == 3:
+            return span, True
+        if span.strip().isnumeric():
+            return "[Reg#]", True
+        if span.replace("-", "").replace("/", "").isnumeric():
+            return span, True
+        if any(month in span for month in MONTHS):
+            return span, True
+        if span.strip() == "":
+            return "", True
+        return self.fallback, False
 
 
 @dataclass
@@ -58,13 +81,17 @@ class DeidResult:
         return len(self.unknown_spans)
 
 
-def replace_mimic3_placeholders(text: str, tag_map: dict[str, str], fallback: str) -> DeidResult:
+def replace_mimic3_placeholders(
+    text: str, tag_map: dict[str, str], fallback: str, tagger: PlaceholderTagger | None = None
+) -> DeidResult:
+    """Replace every `[**...**]` of a note; pass a `tagger` to reuse its cache across notes."""
+    tagger = tagger or PlaceholderTagger(tag_map, fallback)
     pieces: list[str] = []
     last = 0
     placeholders = 0
     unknown: list[str] = []
     for match in PLACEHOLDER.finditer(text):
-        tag, known = placeholder_tag(match.group(1), tag_map, fallback)
+        tag, known = tagger(match.group(1))
         pieces.append(text[last : match.start()])
         pieces.append(tag)
         last = match.end()

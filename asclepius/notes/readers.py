@@ -40,7 +40,9 @@ _EXTENSIONS = {
     ".json": "json",
     ".parquet": "parquet",
 }
-CSV_BLOCK_BYTES = 16 << 20  # pyarrow parses in blocks; a 10 KB note with quoted newlines never spans more than one
+# pyarrow parses CSV in blocks of this size, which must hold the longest row (MIMIC notes are < 100 KB); small
+# blocks keep the stage's memory flat (benchmarks/notes_ingest.py: 2 MB gave the lowest peak at full speed).
+CSV_BLOCK_BYTES = 2 << 20
 
 
 class NotesInputError(ValueError):

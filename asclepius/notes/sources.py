@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asclepius.config import NotesConfig, NoteSourceConfig
-from asclepius.notes.deid import replace_mimic3_placeholders, replace_mimic4_placeholders
+from asclepius.notes.deid import PlaceholderTagger, replace_mimic3_placeholders, replace_mimic4_placeholders
 
 # The notes table: one schema for every source, so later stages read one table. Columns a source does not have
 # are null; generic sources' extra columns go into `extra` as JSON.
@@ -229,9 +229,10 @@ def clean_batch(
     counts["kept"] = len(kept_text)
 
     out_text, sha1, n_placeholders, n_unknown = [], [], [], []
+    tagger = PlaceholderTagger(notes.deid_tag_map, notes.deid_fallback_tag) if source.kind == "mimic3" else None
     for t in kept_text:
         if source.kind == "mimic3":
-            res = replace_mimic3_placeholders(t, notes.deid_tag_map, notes.deid_fallback_tag)
+            res = replace_mimic3_placeholders(t, notes.deid_tag_map, notes.deid_fallback_tag, tagger)
             # The label of an unknown placeholder type (digits masked) helps extend the tag map; it is a type
             # name such as "Doctor Something 12", not patient text.
             for span in res.unknown_spans:

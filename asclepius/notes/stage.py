@@ -135,6 +135,7 @@ def run_notes_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
             excluded = excluded_row_ids(source, i)
             datasets = [_dataset(f, sink) for f in files]
             ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+            ds.context.target_max_block_size = cfg.notes.block_mb << 20
             summaries = ds.map_batches(
                 _clean_and_write,
                 batch_format="pyarrow",
