@@ -1,0 +1,49 @@
+"""The command line and the Ray job entrypoints, as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from asclepius.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_command_prints_resolved_config(capsys):
+    assert main(["config", "--config", str(ROOT / "configs/demo.yaml"), "notes.min_chars=20"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["notes"]["min_chars"] == 20 and cfg["pretrain"]["lr"] == 2e-5
+
+
+def test_bad_override_exits_2_naming_the_field(capsys):
+    assert main(["config", "--config", str(ROOT / "configs/demo.yaml"), "notes.sources.0.kind=nope"]) == 2
+    assert "notes.sources.0.kind" in capsys.readouterr().err
+
+
+def test_unknown_stage_is_refused(capsys):
+    assert main(["run", "--config", str(ROOT / "configs/demo.yaml"), "--stage", "nosuch"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+
+
+def test_notes_job_entrypoint_runs_the_demo(tmp_path):
+    # what `ray job submit ... -- python ray_jobs/notes.py --config ...` runs, in its own process and Ray instance
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ray_jobs/notes.py"), "--config", str(ROOT / "configs/demo.yaml"), f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["notes"]["totals"]["kept"] == 20
+    assert "notes: 27 read, 20 kept" in proc.stderr
+    # the job's output never shows note text
+    assert "Shortness of breath" not in proc.stdout + proc.stderr
+
+
+def test_cluster_yaml_scales_gpu_workers_from_zero():
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    workers = {k: v for k, v in cluster["available_node_types"].items() if k != cluster["head_node_type"]}
+    assert any("gpu" in k for k in workers) and all(v["min_workers"] == 0 for v in workers.values())
+    assert "ray-ml" not in cluster["docker"]["image"] and "--dashboard-port=8265" in " ".join(cluster["head_start_ray_commands"])
