@@ -91,6 +91,68 @@ class NotesConfig(StrictModel):
     )
 
 
+# --------------------------------------------------------------------------------------------------- teacher
+class Price(StrictModel):
+    prompt_per_1m: float = Field(ge=0)
+    completion_per_1m: float = Field(ge=0)
+
+
+class TeacherConfig(StrictModel):
+    """The LLM every generating stage calls: OpenAI, Azure OpenAI, or any OpenAI-compatible server."""
+
+    provider: Literal["openai", "azure", "openai_compatible"] = "openai"
+    model: str = Field("gpt-3.5-turbo", description="Model name; for Azure, the model behind the deployment.")
+    base_url: str | None = Field(None, description="openai_compatible: e.g. http://127.0.0.1:8000/v1 (vLLM, Ray Serve).")
+    azure_endpoint: str | None = Field(None, description="azure: https://<resource>.openai.azure.com")
+    azure_deployment: str | None = None
+    api_version: str = "2024-10-21"
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    api_key_file: str | None = Field(None, description="File holding the API key (takes precedence over the env).")
+    requests_per_minute: float = Field(3500, gt=0)
+    tokens_per_minute: float = Field(90000, gt=0)
+    rate_safety: float = Field(0.99, gt=0, le=1, description="Share of the limits to use (the rest absorbs jitter).")
+    window_s: float = Field(60.0, gt=0, description="The limits' window; 60 for every real API.")
+    num_actors: int = Field(2, ge=1, description="Ray Data actors sending requests.")
+    concurrency_per_actor: int = Field(32, ge=1, description="Requests in flight per actor.")
+    timeout_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    backoff_base_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    token_counter: Literal["auto", "tiktoken", "bytes", "hf"] = Field(
+        "auto", description="auto: tiktoken for OpenAI/Azure, `hf` if `tokenizer` is set, else UTF-8 bytes / 4."
+    )
+    tokenizer: str | None = Field(None, description="Local HF tokenizer of a self-hosted model, for token counts.")
+    prices: dict[str, Price] = Field(default_factory=dict, description="USD per 1M tokens, overrides the table.")
+    budget_usd: float | None = Field(None, ge=0, description="Refuse to start a stage that may cost more.")
+    ledger_dir: str | None = Field(None, description="POSIX path for the request ledger; default <run>/ledger.")
+    limiter_name: str | None = Field(None, description="Name of the cluster-wide limiter; default from endpoint.")
+    progress_every_s: float = Field(10.0, gt=0)
+    credentialed_sources: list[str] = Field(default_factory=lambda: ["mimic3", "mimic4"])
+    i_have_permission_to_send_credentialed_notes_to_public_openai: bool = Field(
+        False,
+        description="PhysioNet's data use agreement forbids sending MIMIC notes to the public OpenAI API; Azure "
+        "OpenAI (with opt-out of human review) or a self-hosted model are allowed. Set only with written permission.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in ("api_key", "key", "token")):
+            raise ValueError(
+                "API keys never go in the config text: name an environment variable (api_key_env) or a file "
+                "(api_key_file)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _endpoint_complete(self) -> "TeacherConfig":
+        if self.provider == "azure" and not (self.azure_endpoint and self.azure_deployment):
+            raise ValueError("an azure teacher needs azure_endpoint and azure_deployment")
+        if self.provider == "openai_compatible" and not self.base_url:
+            raise ValueError("an openai_compatible teacher needs base_url")
+        return self
+
+
 # --------------------------------------------------------------------------------------------------- model/train
 class ModelConfig(StrictModel):
     base: str = Field(description="HF model id, a local HF directory, `gguf:<file>`, `smollm2` or `tiny`.")
@@ -129,6 +191,7 @@ class Config(StrictModel):
     seed: int = 0
     ray: RayConfig = Field(default_factory=RayConfig)
     notes: NotesConfig
+    teacher: TeacherConfig | None = None
     model: ModelConfig | None = None
     pretrain: TrainHyperparams
     finetune: TrainHyperparams

@@ -1,0 +1,318 @@
+"""The teacher client: one chat-completion request, rate-limited, retried by status, journaled exactly once.
+
+Plain asyncio + the `openai` client; the limiter is either the cluster's Ray actor (`ActorLimiter`) or an
+in-process one (`LocalLimiter`, for a single process and for tests). Prompts and completions never reach a log:
+log lines carry request keys (hashes), statuses, token counts and timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import openai
+
+from asclepius.config import TeacherConfig
+from asclepius.teacher.cost import TokenCounter, cost_usd, price_for
+from asclepius.teacher.ledger import Ledger, LedgerScan, request_key
+from asclepius.teacher.limiter import RateLimiter, retry_after_seconds
+
+log = logging.getLogger("asclepius.teacher")
+
+RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
+
+
+def is_retryable(status: int | None) -> bool:
+    return status is None or status in RETRYABLE_STATUS or status >= 500
+
+
+class TeacherConfigError(ValueError):
+    pass
+
+
+class PrivacyError(PermissionError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- endpoint
+def endpoint_id(cfg: TeacherConfig) -> str:
+    if cfg.provider == "azure":
+        return f"azure:{cfg.azure_endpoint}/{cfg.azure_deployment}"
+    if cfg.provider == "openai_compatible":
+        return f"compatible:{cfg.base_url}"
+    return f"openai:{cfg.base_url or 'https://api.openai.com/v1'}"
+
+
+def is_public_openai(cfg: TeacherConfig) -> bool:
+    if cfg.provider == "openai":
+        return True
+    host = urlparse(cfg.base_url or "").hostname or ""
+    return cfg.provider == "openai_compatible" and (host == "api.openai.com" or host.endswith(".openai.com"))
+
+
+def is_self_hosted(cfg: TeacherConfig) -> bool:
+    return cfg.provider == "openai_compatible" and not is_public_openai(cfg)
+
+
+def check_privacy(cfg: TeacherConfig, source_kinds: set[str]) -> None:
+    """PhysioNet's rules: credentialed notes (MIMIC) never go to the public OpenAI API, unless overridden."""
+    credentialed = sorted(source_kinds & set(cfg.credentialed_sources))
+    if not credentialed or not is_public_openai(cfg):
+        return
+    if not cfg.i_have_permission_to_send_credentialed_notes_to_public_openai:
+        raise PrivacyError(
+            f"refusing to send notes from credentialed sources {credentialed} to the public OpenAI API "
+            "(PhysioNet's data use agreement). Use Azure OpenAI with human review opted out, or a self-hosted "
+            "teacher (provider: openai_compatible). With written permission only, set "
+            "teacher.i_have_permission_to_send_credentialed_notes_to_public_openai=true."
+        )
+    log.warning(
+        "!!! SENDING CREDENTIALED NOTES %s TO THE PUBLIC OPENAI API: "
+        "teacher.i_have_permission_to_send_credentialed_notes_to_public_openai is set !!!",
+        credentialed,
+    )
+
+
+def read_api_key(cfg: TeacherConfig) -> str:
+    if cfg.api_key_file:
+        try:
+            with open(os.path.expanduser(cfg.api_key_file), encoding="utf-8") as f:
+                key = f.read().strip()
+        except FileNotFoundError:
+            raise TeacherConfigError(f"teacher.api_key_file: no such file: {cfg.api_key_file}") from None
+        if not key:
+            raise TeacherConfigError(f"teacher.api_key_file: {cfg.api_key_file} is empty")
+        return key
+    key = os.environ.get(cfg.api_key_env or "", "")
+    if key:
+        return key
+    if cfg.provider == "openai_compatible":
+        return "EMPTY"  # self-hosted servers without auth still need a non-empty string for the client
+    raise TeacherConfigError(
+        f"no API key: set the environment variable {cfg.api_key_env} (teacher.api_key_env) or teacher.api_key_file"
+    )
+
+
+def make_openai_client(cfg: TeacherConfig) -> openai.AsyncOpenAI:
+    key = read_api_key(cfg)
+    common = dict(api_key=key, max_retries=0, timeout=cfg.timeout_s)  # retries happen here, counted once
+    if cfg.provider == "azure":
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=cfg.azure_endpoint, azure_deployment=cfg.azure_deployment, api_version=cfg.api_version, **common
+        )
+    return openai.AsyncOpenAI(base_url=cfg.base_url, **common)
+
+
+def token_counter(cfg: TeacherConfig) -> TokenCounter:
+    method = cfg.token_counter
+    if method == "auto":
+        method = "hf" if cfg.tokenizer else ("tiktoken" if cfg.provider in ("openai", "azure") else "bytes")
+    return TokenCounter(method=method, model=cfg.model, tokenizer_path=cfg.tokenizer)
+
+
+def default_limiter_name(cfg: TeacherConfig) -> str:
+    digest = hashlib.sha256(f"{endpoint_id(cfg)}|{cfg.model}".encode()).hexdigest()[:12]
+    return cfg.limiter_name or f"asclepius-limiter-{digest}"
+
+
+# ----------------------------------------------------------------------------------------------- limiters
+class LocalLimiter:
+    """The limiter in this process (one process, tests); same async interface as ActorLimiter."""
+
+    def __init__(self, limiter: RateLimiter):
+        self.limiter = limiter
+
+    async def reserve(self, tokens: int) -> tuple[int, float]:
+        return self.limiter.reserve(tokens)
+
+    async def settle(self, ticket, prompt_tokens, completion_tokens, cost=0.0):
+        self.limiter.settle(ticket, prompt_tokens, completion_tokens, cost)
+
+    async def release(self, ticket):
+        self.limiter.release(ticket)
+
+    async def feedback(self, status, headers, retrying):
+        self.limiter.feedback(status, headers, retrying)
+
+    async def snapshot(self) -> dict:
+        return self.limiter.snapshot()
+
+
+class ActorLimiter:
+    """The cluster's one limiter, a named Ray actor shared by every worker."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    async def reserve(self, tokens):
+        return await self.actor.reserve.remote(tokens)
+
+    async def settle(self, ticket, prompt_tokens, completion_tokens, cost=0.0):
+        await self.actor.settle.remote(ticket, prompt_tokens, completion_tokens, cost)
+
+    async def release(self, ticket):
+        await self.actor.release.remote(ticket)
+
+    async def feedback(self, status, headers, retrying):
+        await self.actor.feedback.remote(status, headers, retrying)
+
+    async def snapshot(self):
+        return await self.actor.snapshot.remote()
+
+
+# ----------------------------------------------------------------------------------------------- requests
+@dataclass
+class ChatRequest:
+    messages: list[dict]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
+    n: int = 1
+    stage: str = ""
+    sample_index: Any = None
+
+    def params(self) -> dict:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "n": self.n}
+
+
+@dataclass
+class ChatOutcome:
+    key: str
+    status: str  # "ok" or "error"
+    texts: list[str] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float = 0.0
+    http_status: int | None = None
+    error: str | None = None  # a class of error and the server's short code, never request text
+    retryable: bool = False
+    attempts: int = 0
+    cached: bool = False  # answered from the ledger, not sent
+
+    @property
+    def text(self) -> str | None:
+        return self.texts[0] if self.texts else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.finish_reasons[0] if self.finish_reasons else None
+
+    def record(self) -> dict:
+        rec = asdict(self)
+        rec.pop("cached")
+        rec["ts"] = time.time()
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "ChatOutcome":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in rec.items() if k in names}, cached=True)
+
+
+def _error_code(err: openai.APIStatusError) -> str:
+    body = err.body if isinstance(err.body, dict) else {}
+    nested = body.get("error") if isinstance(body.get("error"), dict) else {}
+    code = body.get("code") or nested.get("code")
+    return f"http {err.status_code}" + (f" {code}" if code else "")
+
+
+class TeacherClient:
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        limiter,
+        ledger: Ledger | None = None,
+        finished: LedgerScan | None = None,
+        client: openai.AsyncOpenAI | None = None,
+    ):
+        self.cfg = cfg
+        self.limiter = limiter
+        self.ledger = ledger
+        self.finished = (finished or (ledger.scan() if ledger else None))
+        self.client = client or make_openai_client(cfg)
+        self.counter = token_counter(cfg)
+        self.endpoint = endpoint_id(cfg)
+        self.price = price_for(cfg.model, {k: (p.prompt_per_1m, p.completion_per_1m) for k, p in cfg.prices.items()}, is_self_hosted(cfg))
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    def key(self, req: ChatRequest) -> str:
+        return request_key(self.endpoint, self.cfg.model, req.messages, req.params(), req.stage, req.sample_index)
+
+    def reservation(self, req: ChatRequest) -> int:
+        return self.counter.count_messages(req.messages) + req.max_tokens * req.n
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
+        return delay * (0.5 + random.random() / 2)  # jitter: workers that failed together do not retry together
+
+    async def complete(self, req: ChatRequest) -> ChatOutcome:
+        key = self.key(req)
+        if self.finished and key in self.finished.records:
+            return ChatOutcome.from_record(self.finished.records[key])
+        tokens = self.reservation(req)
+        outcome = ChatOutcome(key=key, status="error")
+        for attempt in range(1, self.cfg.max_attempts + 1):
+            outcome.attempts = attempt
+            ticket, delay = await self.limiter.reserve(tokens)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            status, headers, retry_after = None, {}, None
+            try:
+                raw = await self.client.chat.completions.with_raw_response.create(
+                    model=self.cfg.model,
+                    messages=req.messages,
+                    max_tokens=req.max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p if req.top_p is not None else openai.NOT_GIVEN,
+                    seed=req.seed if req.seed is not None else openai.NOT_GIVEN,
+                    n=req.n,
+                    extra_headers={"x-asclepius-request-key": key},
+                )
+                status, headers = raw.status_code, dict(raw.headers)
+                completion = raw.parse()
+                choices = sorted(completion.choices, key=lambda c: c.index)
+                usage = completion.usage
+                outcome.texts = [c.message.content or "" for c in choices]
+                outcome.finish_reasons = [c.finish_reason or "" for c in choices]
+                outcome.prompt_tokens = usage.prompt_tokens if usage else None
+                outcome.completion_tokens = usage.completion_tokens if usage else None
+                outcome.cost_usd = cost_usd(outcome.prompt_tokens or 0, outcome.completion_tokens or 0, self.price)
+                outcome.status, outcome.http_status, outcome.error, outcome.retryable = "ok", status, None, False
+                await self.limiter.settle(ticket, outcome.prompt_tokens, outcome.completion_tokens, outcome.cost_usd)
+                await self.limiter.feedback(status, headers, False)
+                break
+            except openai.APIStatusError as err:
+                status, headers = err.status_code, dict(err.response.headers)
+                retry_after = retry_after_seconds(headers)
+                outcome.http_status, outcome.error = status, _error_code(err)
+            except openai.APITimeoutError:
+                outcome.http_status, outcome.error = None, "timeout"
+            except openai.APIConnectionError:
+                outcome.http_status, outcome.error = None, "connection error"
+            except (openai.APIResponseValidationError, ValueError) as err:  # a 200 whose body is not a completion
+                status = 200
+                outcome.http_status, outcome.error = 200, f"malformed response ({type(err).__name__})"
+            outcome.retryable = is_retryable(status) or outcome.error.startswith("malformed")
+            retrying = outcome.retryable and attempt < self.cfg.max_attempts
+            await self.limiter.release(ticket)
+            await self.limiter.feedback(status, headers, retrying)
+            log.info("teacher %s key=%s attempt %d: %s%s", req.stage, key[:12], attempt, outcome.error, ", retrying" if retrying else "")
+            if not retrying:
+                break
+            await asyncio.sleep(self._backoff(attempt, retry_after))
+        if self.ledger is not None:
+            self.ledger.append(outcome.record())  # durable before it counts
+        return outcome

@@ -1,0 +1,1 @@
+"""Tools for tests and benchmarks (not the product): a local OpenAI-compatible server with limits and faults."""

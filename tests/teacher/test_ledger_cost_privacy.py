@@ -1,0 +1,115 @@
+import json
+import logging
+import multiprocessing as mp
+import os
+
+import pytest
+
+from asclepius.config import ConfigError, TeacherConfig, config_from_dict
+from asclepius.teacher.client import PrivacyError, TeacherConfigError, check_privacy, read_api_key
+from asclepius.teacher.cost import BudgetExceeded, TokenCounter, byte_estimate, check_budget, cost_usd, estimate, price_for
+from asclepius.teacher.ledger import Ledger, request_key, scan_ledger
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+# ---------------------------------------------------------------------------------------------------- ledger
+def test_request_key_is_stable_and_covers_every_input():
+    base = dict(endpoint="e", model="m", messages=MSG, params={"temperature": 1, "max_tokens": 5}, stage="q", sample_index=3)
+    key = request_key(**base)
+    assert key == request_key(**{**base, "params": {"max_tokens": 5, "temperature": 1}})  # order does not matter
+    for change in ({"endpoint": "e2"}, {"model": "m2"}, {"messages": [{"role": "user", "content": "hello!"}]},
+                   {"params": {"temperature": 0, "max_tokens": 5}}, {"stage": "a"}, {"sample_index": 4}):  # fmt: skip
+        assert request_key(**{**base, **change}) != key
+
+
+def test_ledger_final_retryable_and_torn_lines(tmp_path):
+    led = Ledger(str(tmp_path), writer_id="w1")
+    led.append({"key": "a", "status": "ok", "texts": ["x"]})
+    led.append({"key": "b", "status": "error", "retryable": True, "error": "http 503"})
+    led.append({"key": "c", "status": "error", "retryable": False, "error": "http 400"})
+    led.append({"key": "b", "status": "ok", "texts": ["y"]})  # retried later and succeeded
+    led.append({"key": "d", "status": "error", "retryable": True})
+    led.close()
+    with open(tmp_path / "part-w2.jsonl", "w") as f:  # a writer killed mid-line
+        f.write(json.dumps({"key": "e", "status": "ok"}) + "\n" + '{"key": "f", "stat')
+    with open(tmp_path / "part-w3.jsonl", "w") as f:  # valid JSON, but the newline (and the fsync) never came
+        f.write(json.dumps({"key": "g", "status": "ok"}))
+    scan = scan_ledger(str(tmp_path))
+    assert set(scan.records) == {"a", "b", "c", "e"}
+    assert scan.records["b"]["texts"] == ["y"] and set(scan.retryable) == {"d"}
+    assert scan.torn_lines == 2 and scan.files == 3
+
+
+def _writer(directory, writer, n):
+    led = Ledger(directory, writer_id=f"w{writer}")
+    for i in range(n):
+        led.append({"key": f"{writer}-{i}", "status": "ok", "texts": [f"t{i}"]})
+
+
+def test_many_processes_write_at_once(tmp_path):
+    procs = [mp.get_context("spawn").Process(target=_writer, args=(str(tmp_path), w, 200)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    scan = scan_ledger(str(tmp_path))
+    assert len(scan.records) == 800 and scan.torn_lines == 0
+
+
+def test_ledger_refuses_object_store_uris():
+    with pytest.raises(ValueError, match="POSIX path"):
+        Ledger("s3://bucket/ledger")
+
+
+# ---------------------------------------------------------------------------------------------------- cost
+def test_prices_and_estimate():
+    assert price_for("gpt-4o-2024-08-06", {}, self_hosted=False) == (2.5, 10.0)  # a snapshot costs its family's
+    assert price_for("gpt-4o-mini", {}, self_hosted=False) == (0.15, 0.6)  # not gpt-4o's
+    assert price_for("my-llama", {}, self_hosted=True) == (0.0, 0.0)
+    assert price_for("gpt-4o", {"gpt-4o": (1.0, 2.0)}, self_hosted=False) == (1.0, 2.0)
+    assert cost_usd(1_000_000, 500_000, (0.5, 1.5)) == pytest.approx(1.25)
+    est = estimate([1000, 3000], [400, 400], n=1, price=(0.5, 1.5))
+    assert (est.requests, est.prompt_tokens, est.completion_tokens_max) == (2, 4000, 800)
+    assert est.usd_max == pytest.approx(0.0032)
+    check_budget(est, budget_usd=0.01)
+    with pytest.raises(BudgetExceeded, match="over the budget"):
+        check_budget(est, budget_usd=0.003)
+
+
+def test_token_counting():
+    assert byte_estimate("abcd" * 10) == 10 and byte_estimate("") == 1
+    counter = TokenCounter("bytes")
+    assert counter.count_messages([{"role": "user", "content": "abcd" * 10}]) == 3 + 10 + 3
+
+
+# ---------------------------------------------------------------------------------------------------- privacy, keys
+def test_privacy_guard(caplog):
+    public = TeacherConfig(provider="openai")
+    with pytest.raises(PrivacyError, match="PhysioNet"):
+        check_privacy(public, {"mimic3", "pmc"})
+    check_privacy(public, {"pmc", "generic"})  # public case reports are fine
+    check_privacy(TeacherConfig(provider="azure", azure_endpoint="https://x.openai.azure.com", azure_deployment="d"), {"mimic3"})
+    check_privacy(TeacherConfig(provider="openai_compatible", base_url="http://127.0.0.1:8000/v1"), {"mimic4"})
+    with pytest.raises(PrivacyError):  # the public API reached as "compatible" is still the public API
+        check_privacy(TeacherConfig(provider="openai_compatible", base_url="https://api.openai.com/v1"), {"mimic4"})
+    override = TeacherConfig(provider="openai", i_have_permission_to_send_credentialed_notes_to_public_openai=True)
+    with caplog.at_level(logging.WARNING):
+        check_privacy(override, {"mimic3"})
+    assert "SENDING CREDENTIALED NOTES" in caplog.text
+
+
+def test_keys_never_in_config_and_read_from_env_or_file(tmp_path, monkeypatch):
+    data = {"run_dir": "x", "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]}, "teacher": {"api_key": "sk-123"}}
+    with pytest.raises(ConfigError, match="never go in the config"):
+        config_from_dict(data)
+    monkeypatch.setenv("MY_KEY", "sk-env")
+    assert read_api_key(TeacherConfig(api_key_env="MY_KEY")) == "sk-env"
+    (tmp_path / "key").write_text("sk-file\n")
+    assert read_api_key(TeacherConfig(api_key_env="MY_KEY", api_key_file=str(tmp_path / "key"))) == "sk-file"
+    monkeypatch.delenv("MY_KEY")
+    with pytest.raises(TeacherConfigError, match="MY_KEY"):
+        read_api_key(TeacherConfig(api_key_env="MY_KEY"))
+    assert read_api_key(TeacherConfig(provider="openai_compatible", base_url="http://h/v1", api_key_env="MY_KEY")) == "EMPTY"
+    with pytest.raises(ConfigError, match="azure_endpoint and azure_deployment"):
+        config_from_dict({**data, "teacher": {"provider": "azure"}})
