@@ -141,12 +141,13 @@ def plan_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, ledger_d
     est = estimate(todo["prompt"].tolist(), todo["completion"].tolist(), 1, price)
     log.info("teacher %s: %s; %d already in the ledger", stage, est.line(cfg.model), int(counts["cached"].sum()))
     check_budget(est, cfg.budget_usd, spent_usd)
-    return Plan(est, int(counts["cached"].sum()), default_limiter_name(cfg), ledger_dir)
+    name = default_limiter_name(cfg)
+    limiter_actor(name, cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_safety, window_s=cfg.window_s)
+    return Plan(est, int(counts["cached"].sum()), name, ledger_dir)
 
 
 def run_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, plan: Plan, defaults: dict | None = None) -> ray.data.Dataset:
     """The rows of `ds` with OUTPUT_COLUMNS added. Lazy: the requests go out as the result is consumed."""
-    limiter_actor(plan.limiter_name, cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_safety, window_s=cfg.window_s)
     batch = max(1, cfg.concurrency_per_actor // 2)
     return ds.map_batches(
         TeacherUDF,

@@ -1,7 +1,8 @@
 """A local OpenAI-compatible server for tests and benchmarks: real limits, real faults, fake answers.
 
 It enforces requests/min and tokens/min over a sliding window like OpenAI (429 with `retry-after-ms` and
-`x-ratelimit-*` headers), and injects faults on demand. It answers with filler text; it is a test tool, never a
+`x-ratelimit-*` headers; a request counts prompt + max_tokens, or with `--accounting usage` what it used), and
+injects faults on demand. It answers with filler text; it is a test tool, never a
 teacher.
 
     python -m asclepius.testing.openai_server --port 8911 --rpm 600 --tpm 40000 [--window-s 60]
@@ -41,7 +42,9 @@ def prompt_tokens(messages: list[dict]) -> int:
 
 
 def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float = 0.05, completion_tokens: int = 40,
-              fail_rate: float = 0.0, seed: int = 0) -> FastAPI:
+              fail_rate: float = 0.0, seed: int = 0, accounting: str = "reserved") -> FastAPI:
+    """accounting: "reserved" counts prompt + max_tokens at admission and keeps it, as OpenAI and Azure OpenAI
+    do; "usage" lowers a request's count to its actual usage once it is answered."""
     app = FastAPI()
     lock = threading.Lock()
     state = {"log": deque(), "admitted": [], "statuses": Counter(), "seen": Counter(), "requests": []}
@@ -130,8 +133,9 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
             reason = "length" if kind == "length" else ("content_filter" if kind == "content_filter" else "stop")
             choices.append({"index": i, "message": {"role": "assistant", "content": None if reason == "content_filter" else text}, "finish_reason": reason})
             used += 0 if reason == "content_filter" else byte_estimate(text)
-        with lock:
-            record["tokens"] = prompt + used  # the window counts what was used, as reserved until now
+        if accounting == "usage":
+            with lock:
+                record["tokens"] = prompt + used  # the window counts what was used, as reserved until now
         state["statuses"][200] += 1
         return JSONResponse(
             {"id": f"chatcmpl-{key[:12]}", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
@@ -198,8 +202,9 @@ def main() -> None:
     ap.add_argument("--latency-s", type=float, default=0.05)
     ap.add_argument("--completion-tokens", type=int, default=40)
     ap.add_argument("--fail-rate", type=float, default=0.0)
+    ap.add_argument("--accounting", choices=["reserved", "usage"], default="reserved")
     args = ap.parse_args()
-    app = build_app(args.rpm, args.tpm, args.window_s, args.latency_s, args.completion_tokens, args.fail_rate)
+    app = build_app(args.rpm, args.tpm, args.window_s, args.latency_s, args.completion_tokens, args.fail_rate, accounting=args.accounting)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
