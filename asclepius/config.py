@@ -153,6 +153,51 @@ class TeacherConfig(StrictModel):
         return self
 
 
+# --------------------------------------------------------------------------------------------------- serve
+class AutoscalingConfig(StrictModel):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+class ServedModelConfig(StrictModel):
+    name: str = Field(description="The `model` name clients ask for.")
+    source: str = Field(description="HF dir, HF id, gguf:<file>, smollm2 or tiny (asclepius/models.py).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(64, ge=0, description="Beyond this many waiting requests, clients get 503.")
+    max_batch_size: int = Field(16, ge=1, description="Requests that share one generation batch.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_batch_tokens: int = Field(
+        32768, ge=1, description="Padding-aware cap: requests × longest (prompt + max_tokens) in a batch."
+    )
+    context_length: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")
+    truncate_prompt: bool = Field(False, description="Cut long prompts from the left instead of answering 400.")
+    default_max_tokens: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_fits_replica(self) -> "ServedModelConfig":
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError("max_batch_size cannot exceed max_ongoing_requests (a batch is built from ongoing requests)")
+        if self.max_batch_tokens < self.max_batch_size:
+            raise ValueError("max_batch_tokens must be at least max_batch_size")
+        return self
+
+
+class ServeConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "asclepius"
+    route_prefix: str = "/"
+    models: list[ServedModelConfig] = Field(min_length=1)
+    api_key_env: str | None = Field(None, description="If set (and the variable is), clients need this bearer key.")
+    api_key_file: str | None = None
+
+
 # --------------------------------------------------------------------------------------------------- model/train
 class ModelConfig(StrictModel):
     base: str = Field(description="HF model id, a local HF directory, `gguf:<file>`, `smollm2` or `tiny`.")
@@ -192,6 +237,7 @@ class Config(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     notes: NotesConfig
     teacher: TeacherConfig | None = None
+    serve: ServeConfig | None = None
     model: ModelConfig | None = None
     pretrain: TrainHyperparams
     finetune: TrainHyperparams
