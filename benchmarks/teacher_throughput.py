@@ -114,8 +114,8 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
-    count = int(args.tpm / (low + 400) * args.seconds / 60 * 1.5) + 20  # more than can be sent in the time
     low, high = (int(x) for x in args.note_tokens.split("-"))
+    count = int(args.tpm / (low + 400) * args.seconds / 60 * 1.5) + 20  # more than can be sent in the time
     messages = make_requests(count, low, high)
     results = {}
     with openai_test_server(rpm=args.rpm, tpm=args.tpm, window_s=60, latency_s=0.8, completion_tokens=250) as server:

@@ -94,13 +94,24 @@ class ModelServer:
         return {"prompt_ids": ids, "truncated": over > 0}
 
     async def generate(self, spec: dict):
-        req = GenRequest(
+        """Streaming: one chunk per generated token (used for `stream: true`)."""
+        async for chunk in self._batched(self._request(spec)):
+            yield asdict(chunk)
+
+    async def generate_full(self, spec: dict) -> dict:
+        """Non-streaming: the chunks are gathered here, in the replica, so only the result crosses the network."""
+        text, tokens, finish = "", 0, "length"
+        async for chunk in self._batched(self._request(spec)):
+            text += chunk.text
+            tokens, finish = chunk.completion_tokens, chunk.finish_reason or finish
+        return {"text": text, "completion_tokens": tokens, "finish_reason": finish}
+
+    def _request(self, spec: dict) -> GenRequest:
+        return GenRequest(
             prompt_ids=spec["prompt_ids"], max_new_tokens=spec["max_tokens"], temperature=spec["temperature"],
             top_p=spec["top_p"], stop=spec["stop"], seed=spec["seed"], request_id=spec["request_id"],
             slot_tokens=self.slot_tokens,
         )  # fmt: skip
-        async for chunk in self._batched(req):
-            yield asdict(chunk)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_batch_slots)
     async def _batched(self, requests: list[GenRequest]):
@@ -167,8 +178,9 @@ class Ingress:
         name = name or self.names[0]
         return name, self.models.get(name)
 
-    async def _start(self, handle, kind: str, payload: dict, body, n: int, request_id: str, default_max: int):
-        """Prepare the prompt, then start n generation streams (they join the same batch)."""
+    async def _start(self, handle, kind: str, payload: dict, body, n: int, request_id: str, default_max: int, stream: bool = False):
+        """Prepare the prompt, then start n generations (they join the same batch): token streams if `stream`,
+        else one response each."""
         max_tokens = body.budget(default_max) if hasattr(body, "budget") else (body.max_tokens or default_max)
         prepared = await handle.prepare.remote(kind, {**payload, "max_tokens": max_tokens})
         if "error" in prepared:
@@ -181,23 +193,15 @@ class Ingress:
                 "prompt_ids": prepared["prompt_ids"], "max_tokens": max_tokens, "temperature": body.temperature,
                 "top_p": body.top_p, "stop": getattr(body, "stops", []), "seed": seed, "request_id": f"{request_id}/{i}",
             }  # fmt: skip
-            streams.append(handle.options(stream=True).generate.remote(spec))
+            streams.append(handle.options(stream=True).generate.remote(spec) if stream else handle.generate_full.remote(spec))
         return streams, prepared, None
 
-    @staticmethod
-    async def _collect(stream) -> dict:
-        text, tokens, finish = "", 0, "length"
-        async for chunk in stream:
-            text += chunk["text"]
-            tokens, finish = chunk["completion_tokens"], chunk["finish_reason"] or finish
-        return {"text": text, "completion_tokens": tokens, "finish_reason": finish}
-
-    async def _collect_all(self, streams, request_id):
+    async def _collect_all(self, responses, request_id):
         try:
-            return await asyncio.gather(*(self._collect(s) for s in streams)), None
+            return await asyncio.gather(*responses), None
         except BackPressureError:
-            for s in streams:
-                s.cancel()
+            for response in responses:
+                response.cancel()
             return None, _error(503, "the model is overloaded; retry later", "overloaded", request_id)
 
     # ------------------------------------------------------------------------------------------- routes
@@ -227,7 +231,9 @@ class Ingress:
         started = time.time()
         messages = [m.model_dump() for m in body.messages]
         try:
-            streams, prepared, err = await self._start(handle, "chat", {"messages": messages}, body, body.n, request_id, self.default_max_tokens[name])
+            streams, prepared, err = await self._start(
+                handle, "chat", {"messages": messages}, body, body.n, request_id, self.default_max_tokens[name], stream=body.stream
+            )
         except BackPressureError:
             return _error(503, "the model is overloaded; retry later", "overloaded", request_id)
         if err:
