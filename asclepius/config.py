@@ -196,6 +196,7 @@ class ServeConfig(StrictModel):
     models: list[ServedModelConfig] = Field(min_length=1)
     api_key_env: str | None = Field(None, description="If set (and the variable is), clients need this bearer key.")
     api_key_file: str | None = None
+    keep_running: bool = Field(False, description="Pipeline: leave the app running after its smoke check.")
 
 
 # --------------------------------------------------------------------------------------------------- model/train

@@ -11,12 +11,15 @@ from asclepius.config import Config
 from asclepius.notes.stage import format_summary as notes_summary
 from asclepius.notes.stage import run_notes_stage
 from asclepius.run import RunDir
+from asclepius.serve.stage import format_summary as serve_summary
+from asclepius.serve.stage import run_serve_stage
 
 log = logging.getLogger("asclepius")
 
 # stage name → (runner, summary formatter). Later stages are appended here as they land.
 STAGES: dict[str, tuple[Callable[..., dict], Callable[[dict], str]]] = {
     "notes": (run_notes_stage, notes_summary),
+    "serve": (run_serve_stage, serve_summary),  # stays last: it serves what the stages before it produced
 }
 
 
