@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(cfg, args)
     from asclepius.notes.readers import NotesInputError
-    from asclepius.pipeline import STAGES, run_pipeline
+    from asclepius.pipeline import STAGE_ORDER, run_pipeline
 
-    unknown = [s for s in args.stage or [] if s not in STAGES]
+    unknown = [s for s in args.stage or [] if s not in STAGE_ORDER]
     if unknown:
-        print(f"error: unknown stage(s) {unknown}; stages: {list(STAGES)}", file=sys.stderr)
+        print(f"error: unknown stage(s) {unknown}; stages: {STAGE_ORDER}", file=sys.stderr)
         return 2
     try:
         run_pipeline(cfg, stages=args.stage, force=args.force)

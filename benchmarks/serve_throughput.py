@@ -46,9 +46,12 @@ naive_api = FastAPI()
 class NaiveServer:
     """The baseline: each request runs its own `model.generate`, one at a time (no batching)."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, threads: int):
         from asclepius.models import load_model, load_tokenizer
 
+        import torch
+
+        torch.set_num_threads(threads)  # the same CPU threads as our app's model
         self.tokenizer = load_tokenizer(source)
         self.model = load_model(source)
         self.lock = threading.Lock()
@@ -122,22 +125,23 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=60)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads of each server's model")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ours_url = start(ServeConfig(port=args.port, app_name="ours", route_prefix="/", models=[
-        {"name": "m", "source": args.model, "num_cpus": 0, "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
-         "max_ongoing_requests": 32, "max_queued_requests": 64},
+        {"name": "m", "source": args.model, "num_cpus": 0, "torch_threads": args.threads, "max_batch_size": 16,
+         "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 32, "max_queued_requests": 64},
     ]))  # fmt: skip
-    serve.run(serve.deployment(NaiveServer).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64).bind(args.model),
+    serve.run(serve.deployment(NaiveServer).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64).bind(args.model, args.threads),
               name="naive", route_prefix="/naive", blocking=False)  # fmt: skip
     naive_url = f"http://127.0.0.1:{args.port}/naive/v1"
     for url in (ours_url, naive_url):  # warm up both
         drive(url, "m", 1, 1, 4)
 
     rows = []
-    print(f"\n{args.model}, max_tokens {args.max_tokens}, {args.seconds:.0f} s per point, greedy")
+    print(f"\n{args.model}, max_tokens {args.max_tokens}, {args.seconds:.0f} s per point, greedy, {args.threads} torch threads each")
     print(f"{'clients':>8}{'':>3}{'ours req/s':>11}{'tok/s':>8}{'p95 s':>7}   {'naive req/s':>11}{'tok/s':>8}{'p95 s':>7}   {'speedup':>7}")
     for clients in (1, 4, 16):
         ours = drive(ours_url, "m", clients, args.seconds, args.max_tokens)
@@ -150,11 +154,13 @@ def main() -> None:
     errors = sum(v for k, v in load["codes"].items() if k != 200)
     print(f"load test: 16 clients for {args.load_seconds:.0f} s: {load['codes']} ({errors} errors), p95 {load['p95']:.2f} s")
     small_url = start(ServeConfig(port=args.port, app_name="small", route_prefix="/small", models=[
-        {"name": "m", "source": args.model, "num_cpus": 0, "max_batch_size": 4, "max_ongoing_requests": 4, "max_queued_requests": 4},
+        {"name": "m", "source": args.model, "num_cpus": 0, "torch_threads": args.threads, "max_batch_size": 4,
+         "max_ongoing_requests": 4, "max_queued_requests": 4},
     ]))  # fmt: skip
     over = drive(small_url, "m", 32, 15, args.max_tokens)
     clean = set(over["codes"]) <= {200, 503}
     print(f"overload: 32 clients vs 4 ongoing + 4 queued: {over['codes']} -> {'only 200 and 503' if clean else 'UNEXPECTED CODES'}")
+    serve.delete("small")  # frees the CPU for the overload numbers to mean something
     serve.shutdown()
 
     if not args.no_record:

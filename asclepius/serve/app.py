@@ -56,6 +56,9 @@ class ModelServer:
 
         self.cfg = cfg
         device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        # Ray gives a worker one thread per reserved CPU (OMP_NUM_THREADS); torch_threads can use more of a node
+        # than the replica reserves, leaving CPUs to schedule other work on.
+        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
         self.tokenizer = load_tokenizer(cfg.source)
         self.engine = Engine(load_model(cfg.source, cfg.dtype, device), self.tokenizer)
         self.context = cfg.context_length or self.engine.max_context

@@ -121,15 +121,18 @@ class Engine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, logits = out.cache, out.logits[:, -1, :].float()
         last_pos = positions[:, -1]
+        sampling = [i for i, g in enumerate(greedy) if not g]
+        nucleus = any(requests[i].top_p < 1.0 for i in sampling)
         for _ in range(max(r.max_new_tokens for r in requests)):
-            scaled = _filter_top_p(logits / temperature[:, None], top_p)
-            probs = torch.softmax(scaled, dim=-1)
-            next_tokens = []
-            for i, row in enumerate(rows):
-                if row.done or greedy[i]:
-                    next_tokens.append(int(torch.argmax(logits[i])))
-                else:
-                    next_tokens.append(int(torch.multinomial(probs[i], 1, generator=row.generator)))
+            next_tokens = logits.argmax(dim=-1).tolist()  # greedy rows (and finished ones, whose tokens are ignored)
+            if sampling:  # softmax (and the nucleus sort) only for the rows that sample
+                scaled = logits[sampling] / temperature[sampling, None]
+                if nucleus:
+                    scaled = _filter_top_p(scaled, top_p[sampling])
+                probs = torch.softmax(scaled, dim=-1)
+                for j, i in enumerate(sampling):
+                    if not rows[i].done:
+                        next_tokens[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].generator))
             chunks: list[GenChunk | None] = []
             for row, token in zip(rows, next_tokens):
                 chunks.append(None if row.done else row.step(token, self.eos_ids))

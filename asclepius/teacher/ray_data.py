@@ -69,9 +69,13 @@ def _request(row: dict, stage: str, defaults: dict) -> ChatRequest:
 
 
 class TeacherUDF:
-    """One Ray Data actor: an async client, its own ledger part, the shared limiter."""
+    """One Ray Data actor: an async client, its own ledger part, the shared limiter.
 
-    def __init__(self, cfg: TeacherConfig, stage: str, ledger_dir: str, limiter_name: str, defaults: dict):
+    `hooks` (a class, instantiated in the actor) lets a stage build a row's prompt at the moment it is sent and
+    act on its answer at once — the questions stage's bootstrapping pool needs both: `await hooks.before(row)`
+    returns fields to set (e.g. `messages`), `await hooks.after(row, outcome)` returns fields to add."""
+
+    def __init__(self, cfg: TeacherConfig, stage: str, ledger_dir: str, limiter_name: str, defaults: dict, hooks=None):
         self.cfg = cfg
         self.stage = stage
         self.defaults = defaults
@@ -79,14 +83,21 @@ class TeacherUDF:
         self.ledger = Ledger(ledger_dir, writer_id=f"{uuid.uuid4().hex[:12]}")
         self.client = TeacherClient(cfg, ActorLimiter(actor), ledger=self.ledger)
         self.in_flight = asyncio.Semaphore(cfg.concurrency_per_actor)
+        self.hooks = hooks() if hooks else None
 
     async def _one(self, row: dict):
         async with self.in_flight:
-            return await self.client.complete(_request(row, self.stage, self.defaults))
+            if self.hooks:
+                row = {**row, **await self.hooks.before(row)}
+            outcome = await self.client.complete(_request(row, self.stage, self.defaults))
+            if self.hooks:
+                row = {**row, **await self.hooks.after(row, outcome)}
+            return row, outcome
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        outcomes = await asyncio.gather(*(self._one(r) for r in rows))
+        done = await asyncio.gather(*(self._one(r) for r in batch.to_pylist()))
+        rows = [r for r, _ in done]
+        outcomes = [o for _, o in done]
         out = {
             "request_key": [o.key for o in outcomes],
             "status": [o.status for o in outcomes],
@@ -101,9 +112,10 @@ class TeacherUDF:
             "attempts": [o.attempts for o in outcomes],
             "cached": [o.cached for o in outcomes],
         }
+        table = pa.Table.from_pylist(rows, schema=batch.schema) if not self.hooks else pa.Table.from_pylist(rows)
         for name, typ in OUTPUT_COLUMNS.items():
-            batch = batch.append_column(pa.field(name, typ), pa.array(out[name], typ))
-        return batch
+            table = table.append_column(pa.field(name, typ), pa.array(out[name], typ))
+        return table
 
 
 def _count_batch(batch: pa.Table, cfg: TeacherConfig, stage: str, defaults: dict, finished: frozenset) -> pa.Table:
@@ -146,12 +158,14 @@ def plan_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, ledger_d
     return Plan(est, int(counts["cached"].sum()), name, ledger_dir)
 
 
-def run_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, plan: Plan, defaults: dict | None = None) -> ray.data.Dataset:
+def run_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, plan: Plan, defaults: dict | None = None,
+                 hooks=None) -> ray.data.Dataset:
     """The rows of `ds` with OUTPUT_COLUMNS added. Lazy: the requests go out as the result is consumed."""
     batch = max(1, cfg.concurrency_per_actor // 2)
     return ds.map_batches(
         TeacherUDF,
-        fn_constructor_kwargs=dict(cfg=cfg, stage=stage, ledger_dir=plan.ledger_dir, limiter_name=plan.limiter_name, defaults=defaults or {}),
+        fn_constructor_kwargs=dict(cfg=cfg, stage=stage, ledger_dir=plan.ledger_dir, limiter_name=plan.limiter_name,
+                                   defaults=defaults or {}, hooks=hooks),
         batch_size=batch,
         batch_format="pyarrow",
         # A few batches per actor at once keep `concurrency_per_actor` requests in flight despite slow stragglers.

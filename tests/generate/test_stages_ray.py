@@ -1,0 +1,128 @@
+"""synthesize → questions → answers on Ray against the local OpenAI-compatible test server."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from asclepius.config import config_from_dict
+from asclepius.pipeline import run_pipeline
+from asclepius.teacher.ledger import scan_ledger
+from asclepius.testing.server_process import openai_test_server
+
+pytestmark = pytest.mark.ray
+
+
+def generic_notes(path):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "body"])
+        w.writerow(["f1", "Pt seen in clinic. [[fault:context_length]]"])  # the teacher refuses: recorded, dropped
+        w.writerow(["f2", "Pt seen in clinic. [[fault:content_filter]]"])  # filtered by the teacher: dropped
+        w.writerow(["f3", "Pt w/ HTN on lisinopril, BP controlled, f/u 3 months."])
+    return path
+
+
+def config(tmp_path, server, **extra):
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "notes": {"sources": [
+            {"kind": "mimic3", "path": "sample:mimic3"}, {"kind": "pmc", "path": "sample:pmc"},
+            {"kind": "generic", "name": "clinic", "path": str(generic_notes(tmp_path / "clinic.csv")), "text_column": "body", "id_column": "id"},
+        ]},
+        "teacher": {"provider": "openai_compatible", "base_url": server.base_url, "model": "test-teacher",
+                    "requests_per_minute": 100000, "tokens_per_minute": 10**9, "num_actors": 2, "concurrency_per_actor": 4,
+                    "max_attempts": 2, "backoff_base_s": 0.01, "timeout_s": 30, "limiter_name": f"lim-{tmp_path.name}"},
+        "split": {"eval_fraction": 0.2},
+        "synthesize": {"limit": 3, "max_tokens_cap": 64},
+        "questions": {"max_tokens": 40},
+        "answers": {"max_tokens": 60},
+        **extra,
+    }  # fmt: skip
+    return data
+
+
+def test_three_stages_end_to_end(ray_local, tmp_path):
+    with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.01, completion_tokens=30) as server:
+        cfg = config_from_dict(config(tmp_path, server))
+        results = run_pipeline(cfg, stages=["notes", "synthesize", "questions", "answers"])
+        run = tmp_path / "run"
+
+        synth = pd.read_parquet(run / "synthetic_notes")
+        assert list(synth.note_id) == ["synthetic-pmc-9000001-1", "synthetic-pmc-9000002-1", "synthetic-pmc-9000003-1"]
+        assert synth.text.str.startswith("Answer ").all() and (synth.source == "synthetic").all()
+        s = results["synthesize"]
+        assert s["counts"]["read"] == 12 and s["counts"]["not_selected_over_limit"] == 9 and s["counts"]["kept"] == 3
+        assert s["teacher"]["requests"] == 3 and s["teacher"]["from_ledger"] == 0
+
+        q = pd.read_parquet(run / "questions")
+        evals = pd.read_parquet(run / "eval_notes")
+        asked = 6 + 3 + 3 - len(evals)  # mimic3 + clinic + synthetic notes, minus the held-out ones
+        qc = results["questions"]["counts"]
+        assert qc["read"] == 12 and qc["held_out_for_eval"] == len(evals)
+        assert qc["kept"] + qc.get("dropped:teacher_error", 0) + qc.get("dropped:content_filter", 0) == asked
+        assert not set(evals.note_id) & set(q.note_id)
+        assert set(q.task) <= {t.task for t in cfg.questions.tasks}
+        assert q.examples.map(lambda e: len(json.loads(e))).between(3, 5).all()
+        assert results["questions"]["similarity"]["offered"] == qc["kept"]
+
+        ins = pd.read_parquet(run / "instructions")
+        assert list(ins.columns[:6]) == ["note", "question", "answer", "task", "note_id", "source"]
+        assert len(ins) == results["answers"]["counts"]["kept"] == qc["kept"]
+        assert results["answers"]["decontamination"]["clean"] and results["answers"]["decontamination"]["eval_notes"] == len(evals)
+        recipe_json = json.loads((run / "export" / "instructions.json").read_text())
+        assert recipe_json == ins[["note", "question", "answer"]].to_dict(orient="records")
+
+        for stage, n in (("synthesize", 3), ("questions", asked), ("answers", len(ins))):
+            assert len(scan_ledger(str(run / "ledger" / stage)).records) == n
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert {"notes", "synthesize", "questions", "answers"} <= set(manifest["stages"])
+
+        # a finished pipeline is skipped, and pays nothing
+        sent = len(server.stats()["requests"])
+        again = run_pipeline(cfg, stages=["notes", "synthesize", "questions", "answers"])
+        assert all(e.get("skipped") for e in again.values()) and len(server.stats()["requests"]) == sent
+
+
+def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path):
+    with openai_test_server(rpm=100000, tpm=10**9, latency_s=1.5, completion_tokens=20) as server:
+        data = config(tmp_path, server, synthesize={"limit": 12, "max_tokens_cap": 32})
+        data["teacher"]["num_actors"] = 1
+        data["teacher"]["concurrency_per_actor"] = 1  # one at a time: the kill lands midway
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
+        cmd = [sys.executable, "-m", "asclepius.cli", "run", "--config", str(tmp_path / "cfg.yaml"), "--stage", "notes", "--stage", "synthesize"]
+        env = {**os.environ, "RAY_ADDRESS": ""}
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        ledger = tmp_path / "run" / "ledger" / "synthesize"
+        deadline = time.time() + 240
+        while len(scan_ledger(str(ledger)).records) < 3:
+            assert proc.poll() is None and time.time() < deadline, "the job ended before it could be killed"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        proc.wait()
+        # Requests already on the wire may still land in the ledger while Ray tears the dead job's actors down:
+        # wait until it stops changing, then take what is finished.
+        done_before, stable_since = set(), time.time()
+        while time.time() - stable_since < 3:
+            now = set(scan_ledger(str(ledger)).records)
+            if now != done_before:
+                done_before, stable_since = now, time.time()
+            time.sleep(0.2)
+        sent_before = len(server.stats()["requests"])
+        assert 3 <= len(done_before) < 12
+
+        rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        after = [r["key"] for r in server.stats()["requests"][sent_before:]]
+        assert not set(after) & done_before
+        synth = pd.read_parquet(tmp_path / "run" / "synthetic_notes")
+        assert len(synth) == 12 and synth.note_id.is_unique
+        entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["synthesize"]
+        assert entry["teacher"]["from_ledger"] == len(done_before)
