@@ -224,7 +224,7 @@ class QuestionHooks:
         question, q_outcome = clean_question(outcome.text if outcome.status == "ok" else None)
         fields = {"question": question, "question_outcome": q_outcome if outcome.status == "ok" else "teacher_error",
                   "accepted_in_pool": None, "max_rouge_l": None}  # fmt: skip
-        if question and outcome.finish_reason != "length":
+        if question and (outcome.finish_reason != "length" or question.endswith("?")):
             decision = await self.pool.offer.remote(row["note_id"], row["task"], question)
             fields.update(accepted_in_pool=decision["accepted"], max_rouge_l=decision["rouge_l"])
         return fields
@@ -309,12 +309,13 @@ def run_questions_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, fo
             counts["dropped:content_filter"] += 1
         elif r.question is None:
             counts["dropped:empty_reply"] += 1
-        elif r.finish_reason == "length":
-            counts["dropped:cut_off"] += 1
+        elif r.finish_reason == "length" and not r.question.endswith("?"):
+            counts["dropped:cut_off"] += 1  # the reply stopped before its question was complete
         elif _rejected(r.accepted_in_pool) and qc.drop_similar:
             counts["dropped:too_similar"] += 1
         else:
             counts["multiple_questions_kept_first"] += r.question_outcome == "multiple"
+            counts["cut_off_after_a_complete_question"] += r.finish_reason == "length"
             counts["too_similar_kept"] += _rejected(r.accepted_in_pool)
             kept.append(r._asdict())
     columns = ["note_id", "source", "note_sha1", "task", "note", "note_truncated", "question", "question_outcome",
@@ -468,6 +469,9 @@ def format_summary(name: str):
         counts = entry.get("counts", {})
         drops = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(counts.items()) if k.startswith(("dropped:", "filtered:")) and v)
         line = f"{name}: {counts.get('read', 0)} in, {counts.get('kept', 0)} out" + (f"; dropped: {drops}" if drops else "")
+        for key, label in (("not_selected_over_limit", "not selected (limit)"), ("held_out_for_eval", "held out for evaluation")):
+            if counts.get(key):
+                line += f"; {label}: {counts[key]}"
         t = entry.get("teacher", {})
         if t.get("requests"):
             line += (f"\n  teacher: {t['requests']} requests ({t['from_ledger']} from the ledger), {t['prompt_tokens']:,} prompt + "
