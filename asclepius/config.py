@@ -283,9 +283,21 @@ class TrainHyperparams(StrictModel):
     max_len: int = Field(ge=8)
     bf16: bool
     gradient_checkpointing: bool = True
+    gradient_clipping: float = Field(1.0, ge=0)
     zero_stage: Literal[2, 3] = 3
+    offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer states in CPU memory.")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    packing: Literal["packed", "pad_to_longest"] = Field("packed", description="Instruction data only.")
+    packed_attention: Literal["mask", "position_ids"] = Field(
+        "mask", description="mask: block-diagonal 4-D mask (CPU/SDPA); position_ids: flash-attention varlen."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (demo, tests).")
+    checkpoint_every_steps: int = Field(0, ge=0, description="0: only at the end.")
+    num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="Ray Train restarts from the latest checkpoint this often.")
+    seed: int = 0
 
 
 def _recipe_train_defaults(stage: str) -> dict[str, Any]:

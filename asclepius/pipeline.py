@@ -25,10 +25,12 @@ from asclepius.notes.stage import run_notes_stage
 from asclepius.run import RunDir
 from asclepius.serve.stage import format_summary as serve_summary
 from asclepius.serve.stage import run_serve_stage
+from asclepius.train.ray_train import format_summary as train_summary
+from asclepius.train.ray_train import run_finetune_stage, run_pretrain_stage
 
 log = logging.getLogger("asclepius")
 
-STAGE_ORDER = ["notes", "synthesize", "questions", "answers", "serve"]
+STAGE_ORDER = ["notes", "synthesize", "questions", "answers", "pretrain", "finetune", "serve"]
 
 
 class TeacherSource:
@@ -71,6 +73,8 @@ def stages_for(cfg: Config) -> dict[str, tuple[Callable[..., dict], Callable[[di
         stages["synthesize"] = (functools.partial(run_synthesize_stage, get_teacher=teacher), generate_summary("synthesize"))
         stages["questions"] = (functools.partial(run_questions_stage, get_teacher=teacher), generate_summary("questions"))
         stages["answers"] = (functools.partial(run_answers_stage, get_teacher=teacher), generate_summary("answers"))
+    stages["pretrain"] = (run_pretrain_stage, train_summary("pretrain"))
+    stages["finetune"] = (run_finetune_stage, train_summary("finetune"))
     stages["serve"] = (run_serve_stage, serve_summary)  # last: it serves what the stages before it produced
     return stages
 

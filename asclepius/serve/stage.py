@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.request
 
@@ -39,7 +40,14 @@ def run_serve_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
         log.info("serve: no serve section in the config, nothing to deploy")
         return {"status": "complete", "skipped": True}
     started = time.time()
-    base_url = start(cfg.serve)
+    serve_cfg = cfg.serve
+    finetuned = run.path("checkpoints", "finetune", "final")
+    names = [m.name for m in serve_cfg.models]
+    if "://" not in run.uri and os.path.exists(os.path.join(finetuned, "config.json")) and "asclepius-finetuned" not in names:
+        # serve what this run trained next to the configured models, with the first model's settings
+        extra = serve_cfg.models[0].model_copy(update={"name": "asclepius-finetuned", "source": finetuned})
+        serve_cfg = serve_cfg.model_copy(update={"models": [*serve_cfg.models, extra]})
+    base_url = start(serve_cfg)
     deployed = time.time() - started
     key = read_serve_key(cfg.serve)
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}

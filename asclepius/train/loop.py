@@ -1,0 +1,187 @@
+"""The training loop: DeepSpeed, one readable screen. Runs under Ray Train or alone (single process, debugging).
+
+The environment (Ray Train, or a local run) is a `TrainContext`: rank, world size, how to report metrics and
+checkpoints, and where the latest checkpoint is. Everything else is here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from asclepius.config import TrainHyperparams
+from asclepius.train.data import model_inputs
+from asclepius.train.settings import deepspeed_config, flops_per_token, lr_at, peak_flops
+
+log = logging.getLogger("asclepius.train")
+STATE_FILE = "asclepius_state.json"
+
+
+@dataclass
+class TrainContext:
+    rank: int = 0
+    world_size: int = 1
+    checkpoint_root: str | None = None  # local runs: where checkpoints go
+    history: list[dict] = field(default_factory=list)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, step: int = 0) -> None:
+        self.history.append(metrics)
+        if checkpoint_dir and self.checkpoint_root:
+            import shutil
+
+            target = os.path.join(self.checkpoint_root, f"step-{step:06d}")
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+
+    def latest_checkpoint(self):
+        """A context manager yielding the latest checkpoint directory, or None."""
+        import contextlib
+
+        if not self.checkpoint_root or not os.path.isdir(self.checkpoint_root):
+            return contextlib.nullcontext(None)
+        steps = sorted(d for d in os.listdir(self.checkpoint_root) if d.startswith("step-"))
+        return contextlib.nullcontext(os.path.join(self.checkpoint_root, steps[-1]) if steps else None)
+
+
+@dataclass
+class LoopResult:
+    final_step: int
+    resumed_from: int
+    history: list[dict]
+
+
+def _init_distributed_if_needed() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # a local run: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def train(
+    model,
+    batches: Callable[[int], Iterator[dict]],
+    steps_per_epoch: int,
+    hp: TrainHyperparams,
+    section: str,
+    ctx: TrainContext,
+    export_dir: str | None = None,
+    tokenizer=None,
+    packed_attention: str = "mask",
+    max_steps: int | None = None,
+    checkpoint_every: int = 0,
+) -> LoopResult:
+    import deepspeed
+    import torch.distributed as dist
+
+    _init_distributed_if_needed()
+    device = "cuda" if torch.cuda.is_available() and hp.use_gpu else "cpu"
+    bf16 = hp.bf16 and device == "cuda"  # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are slow or unsupported
+    ds_config = deepspeed_config(hp, ctx.world_size, section, bf16=bf16, offload_optimizer=hp.offload_optimizer)
+    accum = ds_config["gradient_accumulation_steps"]
+    total_steps = max(1, math.ceil(hp.epochs * steps_per_epoch))
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, hp) / hp.lr)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    start_step = 0
+    with ctx.latest_checkpoint() as ckpt:
+        if ckpt:
+            engine.load_checkpoint(ckpt, tag="state")
+            with open(os.path.join(ckpt, STATE_FILE)) as f:
+                start_step = json.load(f)["step"]
+            log.info("rank %d resumed from step %d", ctx.rank, start_step)
+
+    cfg = model.config
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    device_name = torch.cuda.get_device_name() if device == "cuda" else None
+    peak = peak_flops(device_name)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    step, micro, started = start_step, 0, time.time()
+    window_loss, window_tokens, window_start = 0.0, 0, time.time()
+    skip = start_step * accum  # micro-batches already trained on before the checkpoint
+    epoch = start_step // max(1, steps_per_epoch)
+    done = step >= total_steps
+    while not done:
+        seen = 0
+        for batch in batches(epoch):
+            if seen >= steps_per_epoch * accum:
+                break  # every worker stops at the same count (DeepSpeed steps are collective)
+            seen += 1
+            if skip:
+                skip -= 1
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            seq_len = batch["input_ids"].shape[1]
+            loss = engine(**model_inputs(batch, dtype, packed_attention)).loss
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            window_loss += loss.item()
+            window_tokens += int((batch["segment_ids"] > 0).sum())
+            if micro % accum:
+                continue
+            step += 1
+            stats = torch.tensor([window_loss / accum, window_tokens], dtype=torch.float64)
+            dist.all_reduce(stats)
+            elapsed = time.time() - window_start
+            tokens_per_s = stats[1].item() / max(elapsed, 1e-9)
+            metrics = {
+                "step": step,
+                "epoch": epoch,
+                "loss": stats[0].item() / ctx.world_size,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "tokens_per_s": tokens_per_s,
+                "mfu": (tokens_per_s * flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, seq_len) / (peak * ctx.world_size)) if peak else "n/a",
+                "elapsed_s": time.time() - started,
+            }
+            window_loss, window_tokens, window_start = 0.0, 0, time.time()
+            done = step >= total_steps
+            if (checkpoint_every and step % checkpoint_every == 0) or done:
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine.save_checkpoint(tmp, tag="state")
+                    if ctx.rank == 0:
+                        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                            json.dump({"step": step, "epoch": epoch}, f)
+                    ctx.report(metrics, checkpoint_dir=tmp, step=step)
+            else:
+                ctx.report(metrics, step=step)
+            if ctx.rank == 0:
+                log.info("%s step %d/%d loss %.4f lr %.2e tokens/s %.0f mfu %s", section, step, total_steps, metrics["loss"], metrics["lr"], tokens_per_s,
+                         f"{metrics['mfu']:.1%}" if peak else "n/a")  # fmt: skip
+            if done:
+                break
+        epoch += 1
+
+    if export_dir:
+        export_hf(engine, hp.zero_stage, export_dir, tokenizer, ctx.rank)
+    return LoopResult(final_step=step, resumed_from=start_step, history=ctx.history)
+
+
+def export_hf(engine, zero_stage: int, export_dir: str, tokenizer, rank: int) -> None:
+    """The trained model in HF format (safetensors + tokenizer); ZeRO-3's shards are gathered in 16 bit first."""
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        os.makedirs(export_dir, exist_ok=True)
+        engine.module.config.use_cache = True
+        engine.module.save_pretrained(export_dir, state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(export_dir)
