@@ -28,7 +28,7 @@ QA = [
 
 
 def make_run(tmp_path, **train):
-    base = {"num_workers": 2, "micro_batch": 1, "global_batch": 2, "lr": 3e-3, "warmup_ratio": 0.0, "max_len": 128,
+    base = {"num_workers": 2, "micro_batch": 1, "global_batch": 2, "lr": 3e-3, "warmup_ratio": 0.0, "max_len": 256,
             "epochs": 50, "gradient_checkpointing": False, "lr_scheduler": "constant", "num_to_keep": 2}  # fmt: skip
     data = {"run_dir": str(tmp_path / "run"), "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]},
             "model": {"base": "tiny"}, "pretrain": {**base, **train}, "finetune": {**base, **train}}  # fmt: skip
@@ -81,10 +81,10 @@ def test_kill_after_a_checkpoint_then_resume_to_the_same_final_step(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     storage = tmp_path / "run" / "ray_train" / "finetune"
     deadline = time.time() + 400
-    while not any(p.name.startswith("step-") for p in storage.rglob("step-*")) if storage.exists() else True:
+    # Ray Train commits a checkpoint by writing its checkpoint-manager snapshot: kill right after the first one
+    while not (storage.exists() and list(storage.rglob("checkpoint_manager_snapshot.json"))):
         assert proc.poll() is None and time.time() < deadline, "training ended before a checkpoint could be cut short"
-        time.sleep(0.5)
-    time.sleep(1.0)
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
