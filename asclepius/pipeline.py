@@ -45,6 +45,15 @@ class TeacherSource:
             self._teacher = self._resolve()
         return self._teacher
 
+    def release(self) -> None:
+        """Take down the teacher app we deployed, giving its CPUs/GPUs back before training."""
+        if self._teacher is not None and self.cfg.teacher_from_serve:
+            from ray import serve
+
+            serve.delete(self.cfg.serve.app_name)
+            log.info("teacher: app %s removed", self.cfg.serve.app_name)
+            self._teacher = None
+
     def _resolve(self) -> TeacherConfig:
         cfg = self.cfg
         if cfg.teacher_from_serve:
@@ -64,8 +73,8 @@ class TeacherSource:
         return cfg.teacher
 
 
-def stages_for(cfg: Config) -> dict[str, tuple[Callable[..., dict], Callable[[dict], str]]]:
-    teacher = TeacherSource(cfg)
+def stages_for(cfg: Config, teacher: TeacherSource | None = None) -> dict[str, tuple[Callable[..., dict], Callable[[dict], str]]]:
+    teacher = teacher or TeacherSource(cfg)
     stages: dict[str, tuple[Callable[..., dict], Callable[[dict], str]]] = {"notes": (run_notes_stage, notes_summary)}
     if cfg.instructions_import is not None:
         stages["answers"] = (run_import_stage, generate_summary("import"))
@@ -83,7 +92,8 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     started = time.time()
     init_ray(cfg.ray)
     run = RunDir.open(cfg.run_dir)
-    available = stages_for(cfg)
+    teacher = TeacherSource(cfg)
+    available = stages_for(cfg, teacher)
     unknown = [s for s in stages or [] if s not in STAGE_ORDER]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages: {STAGE_ORDER}")
@@ -94,5 +104,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
         entry = runner(cfg, run, force=force)
         log.info("%s", summary(entry) if not entry.get("skipped") else f"{name}: up to date, skipped")
         results[name] = {**entry, "wall_seconds": round(time.time() - t, 2)}
+        if name == "answers":
+            teacher.release()  # the generating stages are done
     log.info("pipeline: %d stage(s) done in %.1f s; run directory %s", len(results), time.time() - started, cfg.run_dir)
     return results
