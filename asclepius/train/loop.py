@@ -126,7 +126,7 @@ def train(
                 skip -= 1
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
-            seq_len = batch["input_ids"].shape[1]
+            seq_len = min(batch["input_ids"].shape[1], hp.max_len)  # attention spans one example, at most max_len
             loss = engine(**model_inputs(batch, dtype, packed_attention)).loss
             engine.backward(loss)
             engine.step()

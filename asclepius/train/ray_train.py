@@ -43,6 +43,19 @@ def torch_extensions_dir() -> str:
 
 
 # ----------------------------------------------------------------------------------------------- datasets
+def packed_block_len(hp: TrainHyperparams) -> int:
+    """With flash-attention varlen (`packed_attention: position_ids`) a micro-batch is ONE block of micro_batch ×
+    max_len tokens of whole examples (each ≤ max_len, positions restarting): examples of 1,000–2,000 tokens pack
+    into it with ~1 % padding (benchmarks/sft_packing.py). With the dense block-diagonal mask (CPU) attention cost
+    grows with the square of the block, so blocks stay max_len long and a micro-batch holds micro_batch of them."""
+    return hp.micro_batch * hp.max_len if hp.packed_attention == "position_ids" else hp.max_len
+
+
+def rows_per_batch(hp: TrainHyperparams) -> int:
+    return 1 if hp.packing == "packed" and hp.packed_attention == "position_ids" else hp.micro_batch
+
+
+
 def pretraining_notes(cfg: Config, run: RunDir) -> pd.DataFrame:
     """Discharge notes for continued pretraining: real and synthetic, never case reports or held-out notes."""
     frames = [f for f in (_table(run, "notes"), _table(run, "synthetic_notes")) if len(f)]
@@ -90,7 +103,10 @@ def finetuning_dataset(cfg: Config, run: RunDir, tokenizer) -> tuple[ray.data.Da
             examples.append(ex)
     examples = shuffled(examples, hp.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    blocks = pack(examples, hp.max_len, pad) if hp.packing == "packed" else pad_to_longest(examples, pad, hp.micro_batch)
+    if hp.packing == "pad_to_longest":
+        blocks = pad_to_longest(examples, pad, hp.micro_batch)
+    else:
+        blocks = pack(examples, packed_block_len(hp), pad)
     stats = {
         "instructions": len(rows), "examples": len(examples), "dropped_answer_too_long": dropped,
         "truncated_notes": sum(e.truncated_note for e in examples), "blocks": len(blocks),
@@ -147,7 +163,7 @@ def _worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def batches(epoch):
-        return shard.iter_torch_batches(batch_size=hp.micro_batch, collate_fn=_collate)
+        return shard.iter_torch_batches(batch_size=config["rows_per_batch"], collate_fn=_collate)
 
     result = train(
         model, batches, config["steps_per_epoch"], hp, config["section"], RayContext(rank=rank, world_size=context.get_world_size()),
@@ -159,7 +175,7 @@ def _worker(config: dict) -> None:
             json.dump({"final_step": result.final_step, "resumed_from": result.resumed_from}, f)
 
 
-def fit(stage: str, cfg: Config, run: RunDir, source: str, dataset: ray.data.Dataset, rows: int) -> dict:
+def fit(stage: str, cfg: Config, run: RunDir, source: str, dataset: ray.data.Dataset, rows: int, rows_per_batch: int) -> dict:
     """Run one training stage on Ray Train; returns what the manifest records."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -168,13 +184,13 @@ def fit(stage: str, cfg: Config, run: RunDir, source: str, dataset: ray.data.Dat
     if "://" in run.uri:
         raise ValueError("training writes the exported model with save_pretrained: use a local or shared POSIX run_dir")
     accum = accumulation_steps(hp, hp.num_workers, stage)  # fails before anything starts, naming the fields
-    steps_per_epoch = rows // hp.num_workers // hp.micro_batch // accum
+    steps_per_epoch = rows // hp.num_workers // rows_per_batch // accum
     if steps_per_epoch < 1:
         raise ValueError(f"{stage}: {rows} blocks are not enough for one step of global batch {hp.global_batch}; lower {stage}.global_batch")
     stage_dir = run.path("checkpoints", stage)
     os.makedirs(stage_dir, exist_ok=True)
     config = {
-        "hp": hp, "section": stage, "source": source, "steps_per_epoch": steps_per_epoch,
+        "hp": hp, "section": stage, "source": source, "steps_per_epoch": steps_per_epoch, "rows_per_batch": rows_per_batch,
         "export_dir": os.path.join(stage_dir, "final"), "metrics_file": os.path.join(stage_dir, "metrics.jsonl"),
         "summary_file": os.path.join(stage_dir, "summary.json"), "torch_extensions_dir": torch_extensions_dir(),
     }  # fmt: skip
@@ -249,7 +265,7 @@ def run_pretrain_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
     tokenizer = load_tokenizer(source)
     dataset, stats = pretraining_dataset(cfg, run, source, tokenizer)
     entry = {"status": "complete", "config_hash": config_hash, "inputs": inputs, "data": stats,
-             **fit("pretrain", cfg, run, source, dataset, stats["blocks"])}  # fmt: skip
+             **fit("pretrain", cfg, run, source, dataset, stats["blocks"], cfg.pretrain.micro_batch)}  # fmt: skip
     run.record_stage("pretrain", entry)
     return entry
 
@@ -268,7 +284,7 @@ def run_finetune_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
     tokenizer = load_tokenizer(source)
     dataset, stats = finetuning_dataset(cfg, run, tokenizer)
     entry = {"status": "complete", "config_hash": config_hash, "inputs": inputs, "data": stats, "base": source,
-             **fit("finetune", cfg, run, source, dataset, stats["blocks"])}  # fmt: skip
+             **fit("finetune", cfg, run, source, dataset, stats["blocks"], rows_per_batch(cfg.finetune))}  # fmt: skip
     run.record_stage("finetune", entry)
     return entry
 
