@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def stage_job(stage: str) -> int:
+    """A `ray_jobs/<stage>.py` entrypoint: the stage, with this process's arguments (--config, overrides)."""
+    return main(["run", "--stage", stage, *sys.argv[1:]])
+
+
 def _serve(cfg, args) -> int:
     if cfg.serve is None:
         print("error: the config has no `serve` section (serve.models)", file=sys.stderr)

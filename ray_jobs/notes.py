@@ -1,4 +1,4 @@
-"""Notes stage as a Ray job:
+"""Notes stage (read, filter, de-identify → <run>/notes/) as a Ray job:
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python ray_jobs/notes.py --config configs/asclepius-r-7b.yaml [key.sub=value ...]
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under --working-dir
 
-from asclepius.cli import main  # noqa: E402
+from asclepius.cli import stage_job  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["run", "--stage", "notes", *sys.argv[1:]]))
+    sys.exit(stage_job("notes"))

@@ -47,3 +47,15 @@ def test_cluster_yaml_scales_gpu_workers_from_zero():
     workers = {k: v for k, v in cluster["available_node_types"].items() if k != cluster["head_node_type"]}
     assert any("gpu" in k for k in workers) and all(v["min_workers"] == 0 for v in workers.values())
     assert "ray-ml" not in cluster["docker"]["image"] and "--dashboard-port=8265" in " ".join(cluster["head_start_ray_commands"])
+
+
+def test_every_stage_has_a_ray_job_entrypoint():
+    import re
+
+    from asclepius.pipeline import STAGE_ORDER
+
+    jobs = {p.stem: p.read_text() for p in (ROOT / "ray_jobs").glob("*.py")}
+    for stage in [s for s in STAGE_ORDER if s != "serve"]:
+        assert re.search(rf'stage_job\("{stage}"\)', jobs[stage]), stage
+    assert 'main(["run", *sys.argv[1:]])' in jobs["pipeline"] and 'main(["serve", *sys.argv[1:]])' in jobs["serve"]
+    assert all(len(text.splitlines()) < 60 for text in jobs.values())  # thin entrypoints

@@ -20,7 +20,7 @@ def test_presets_load():
     assert demo.ray.num_cpus == 2 and demo.ray.address is None
     r7b = load_config(ROOT / "configs" / "asclepius-r-7b.yaml")
     assert r7b.model.base == "huggyllama/llama-7b" and r7b.model.use_fast_tokenizer is False
-    assert r7b.notes.sources[0].path.endswith("NOTEEVENTS.csv.gz")
+    assert r7b.notes.sources[0].path.endswith("NOTEEVENTS.csv.gz") and r7b.teacher.provider == "azure"
     # the preset sets only the cluster's shape; the recipe's hyper-parameters stay
     assert (r7b.pretrain.micro_batch, r7b.pretrain.num_workers, r7b.pretrain.lr, r7b.finetune.epochs) == (4, 8, 2e-5, 3)
 

@@ -32,6 +32,7 @@ from asclepius.generate.prompts import (
     fit_note,
     is_eval_note,
     question_prompt,
+    stable_fraction,
     synthesis_prompt,
     task_for,
     user_messages,
@@ -81,10 +82,19 @@ def _upstream(run: RunDir, *stages: str) -> dict:
     return out
 
 
-def _stage_hash(cfg: Config, teacher: TeacherConfig | None, *sections: str) -> str:
+def _teacher_identity(cfg: Config) -> str:
+    """Which model answers (not how fast or how it is reached): another teacher means another stage output."""
+    if cfg.teacher_from_serve:
+        served = next((m for m in (cfg.serve.models if cfg.serve else []) if m.name == cfg.teacher_from_serve), None)
+        return f"served:{cfg.teacher_from_serve}:{served.source if served else '?'}"
+    if cfg.teacher is None:
+        return "none"
+    return f"{endpoint_id(cfg.teacher)}|{cfg.teacher.model}"
+
+
+def _stage_hash(cfg: Config, *sections: str) -> str:
     parts = [cfg.stage_hash(s) for s in sections]
-    if teacher is not None:
-        parts.append(hashlib.sha256(f"{endpoint_id(teacher)}|{teacher.model}".encode()).hexdigest()[:12])
+    parts.append(hashlib.sha256(_teacher_identity(cfg).encode()).hexdigest()[:12])
     return "-".join(parts)
 
 
@@ -118,6 +128,11 @@ def _ask(cfg: TeacherConfig, stage: str, df: pd.DataFrame, directory: str, hooks
     return out
 
 
+def _request_seed(cfg: Config, stage: str, note_id: str) -> int:
+    """A sampling seed per request (OpenAI, vLLM and our Serve app honour it): reruns ask the same thing."""
+    return int(stable_fraction(cfg.seed, f"{stage}:{note_id}") * 2**31)
+
+
 def _fit(counter, render, note: str, budget: int, mode: str):
     fitted = fit_note(note, render, counter, budget)
     if fitted is None or (fitted[1] and mode == "skip"):
@@ -133,7 +148,7 @@ def _source_kinds(cfg: Config, names) -> set[str]:
 # ----------------------------------------------------------------------------------------------- synthesize
 def run_synthesize_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, force: bool = False) -> dict:
     sc = cfg.synthesize
-    config_hash = _stage_hash(cfg, None, "synthesize")
+    config_hash = _stage_hash(cfg, "synthesize")
     inputs = _upstream(run, "notes")
     if not force and run.is_complete("synthesize", config_hash, inputs):
         return {**run.stage_entry("synthesize"), "skipped": True}
@@ -161,7 +176,7 @@ def run_synthesize_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, f
             rows.append({
                 "case_report_id": r.note_id, "case_report_source": r.source, "input_truncated": truncated,
                 "messages": user_messages(render(fitted)), "max_tokens": int(max_tokens), "temperature": sc.temperature,
-                "sample_index": r.note_id,
+                "sample_index": r.note_id, "seed": _request_seed(cfg, "synthesize", r.note_id),
             })  # fmt: skip
             counts["input_truncated"] += truncated
     out = _ask(teacher, "synthesize", pd.DataFrame(rows), ledger_dir(cfg, run, "synthesize")) if rows else pd.DataFrame()
@@ -249,7 +264,7 @@ def _question_notes(cfg: Config, run: RunDir) -> pd.DataFrame:
 
 def run_questions_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, force: bool = False) -> dict:
     qc = cfg.questions
-    config_hash = _stage_hash(cfg, None, "questions", "split", "synthesize")
+    config_hash = _stage_hash(cfg, "questions", "split", "synthesize")
     inputs = _upstream(run, "notes", "synthesize")
     if not force and run.is_complete("questions", config_hash, inputs):
         return {**run.stage_entry("questions"), "skipped": True}
@@ -286,6 +301,7 @@ def run_questions_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, fo
                 "note_id": r.note_id, "source": r.source, "note_sha1": r.text_sha1, "task": task, "note": fitted,
                 "note_truncated": truncated, "messages": user_messages(render(fitted)),  # an estimate; rebuilt when sent
                 "max_tokens": qc.max_tokens, "temperature": qc.temperature, "sample_index": r.note_id,
+                "seed": _request_seed(cfg, "questions", r.note_id),
             })  # fmt: skip
     directory = ledger_dir(cfg, run, "questions")
     out, pool_stats = pd.DataFrame(), {}
@@ -333,7 +349,7 @@ def run_questions_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, fo
 # ----------------------------------------------------------------------------------------------- answers
 def run_answers_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, force: bool = False) -> dict:
     ac = cfg.answers
-    config_hash = _stage_hash(cfg, None, "answers")
+    config_hash = _stage_hash(cfg, "answers")
     inputs = _upstream(run, "questions")
     if not force and run.is_complete("answers", config_hash, inputs):
         return {**run.stage_entry("answers"), "skipped": True}
@@ -355,7 +371,7 @@ def run_answers_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, forc
             rows.append({
                 "note_id": r.note_id, "source": r.source, "note_sha1": r.note_sha1, "task": r.task, "note": fitted,
                 "question": r.question, "messages": user_messages(render(fitted)), "max_tokens": ac.max_tokens,
-                "temperature": ac.temperature, "sample_index": r.note_id,
+                "temperature": ac.temperature, "sample_index": r.note_id, "seed": _request_seed(cfg, "answers", r.note_id),
             })  # fmt: skip
     out = _ask(teacher, "answers", pd.DataFrame(rows), ledger_dir(cfg, run, "answers")) if rows else pd.DataFrame()
     regex = compile_filter(ac.filter_regex)

@@ -181,6 +181,20 @@ class Ingress:
         name = name or self.names[0]
         return name, self.models.get(name)
 
+    async def _begin(self, request: Request, prefix: str, schema):
+        """Every POST starts alike: a request id, the key, the body, the model. Returns (id, body, name, handle)
+        or an error response as the last item."""
+        request_id = _request_id(prefix)
+        if not self._authorized(request):
+            return request_id, None, None, None, _error(401, "missing or wrong API key", "invalid_api_key", request_id)
+        body, err = await self._parse(request, schema)
+        if err:
+            return request_id, None, None, None, err
+        name, handle = self._handle(body.model)
+        if handle is None:
+            return request_id, None, None, None, _error(404, f"model {body.model!r} is not served; see /v1/models", "model_not_found", request_id)
+        return request_id, body, name, handle, None
+
     async def _start(self, handle, kind: str, payload: dict, body, n: int, request_id: str, default_max: int, stream: bool = False):
         """Prepare the prompt, then start n generations (they join the same batch): token streams if `stream`,
         else one response each."""
@@ -222,15 +236,9 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        request_id = _request_id("chatcmpl")
-        if not self._authorized(request):
-            return _error(401, "missing or wrong API key", "invalid_api_key", request_id)
-        body, err = await self._parse(request, ChatCompletionRequest)
+        request_id, body, name, handle, err = await self._begin(request, "chatcmpl", ChatCompletionRequest)
         if err:
             return err
-        name, handle = self._handle(body.model)
-        if handle is None:
-            return _error(404, f"model {body.model!r} is not served; see /v1/models", "model_not_found", request_id)
         started = time.time()
         messages = [m.model_dump() for m in body.messages]
         try:
@@ -294,17 +302,11 @@ class Ingress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        request_id = _request_id("cmpl")
-        if not self._authorized(request):
-            return _error(401, "missing or wrong API key", "invalid_api_key", request_id)
-        body, err = await self._parse(request, CompletionRequest)
+        request_id, body, name, handle, err = await self._begin(request, "cmpl", CompletionRequest)
         if err:
             return err
         if body.stream:
             return _error(400, "streaming is supported for /v1/chat/completions", "stream_unsupported", request_id)
-        name, handle = self._handle(body.model)
-        if handle is None:
-            return _error(404, f"model {body.model!r} is not served; see /v1/models", "model_not_found", request_id)
         started = time.time()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         all_streams, prompt_tokens = [], 0
@@ -332,15 +334,9 @@ class Ingress:
 
     @api.post("/v1/answer")
     async def answer(self, request: Request):
-        request_id = _request_id("ans")
-        if not self._authorized(request):
-            return _error(401, "missing or wrong API key", "invalid_api_key", request_id)
-        body, err = await self._parse(request, AnswerRequest)
+        request_id, body, name, handle, err = await self._begin(request, "ans", AnswerRequest)
         if err:
             return err
-        name, handle = self._handle(body.model)
-        if handle is None:
-            return _error(404, f"model {body.model!r} is not served; see /v1/models", "model_not_found", request_id)
         started = time.time()
         prompt = answer_prompt(body.note, body.question)
         default_max = load_recipe().generation_for_eval["max_new_tokens"]

@@ -125,3 +125,13 @@ def test_fit_note_truncates_to_the_budget():
     assert fit_note("short", render, counter, 300) == ("short", False)
     assert fit_note(note, render, counter, budget=2) is None
     json.dumps(fitted)
+
+
+def test_another_teacher_model_reruns_the_generating_stages():
+    from asclepius.generate.stages import _stage_hash
+
+    base = {"run_dir": "/tmp/x", "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]},
+            "teacher": {"provider": "openai_compatible", "base_url": "http://h/v1", "model": "a"}}  # fmt: skip
+    one = config_from_dict(base)
+    assert _stage_hash(one, "answers") == _stage_hash(config_from_dict(base, ["teacher.requests_per_minute=10"]), "answers")
+    assert _stage_hash(one, "answers") != _stage_hash(config_from_dict(base, ["teacher.model=b"]), "answers")
