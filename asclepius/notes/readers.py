@@ -56,10 +56,6 @@ class SourceFile:
     format: str  # csv, jsonl, json (a top-level array), parquet
     columns: tuple[str, ...]  # columns to read: the source's columns that the file has
 
-    @property
-    def display(self) -> str:
-        return self.path
-
 
 def sample_path(kind: str) -> str:
     if kind not in SAMPLES:

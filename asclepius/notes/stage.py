@@ -103,14 +103,6 @@ def _dataset(file: SourceFile, sink) -> ray.data.Dataset:
     return ray.data.from_arrow(json_array_table(file))
 
 
-def notes_inputs(cfg: Config) -> dict:
-    """Fingerprints of every input file: a changed input makes the stage run again."""
-    out = {}
-    for i, source in enumerate(cfg.notes.sources):
-        out[str(i)] = [file_fingerprint(f.fs, f.path) for f in resolve_source(source, i)]
-    return out
-
-
 def run_notes_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
     config_hash = cfg.stage_hash("notes")
     files_by_source = [resolve_source(s, i) for i, s in enumerate(cfg.notes.sources)]  # fails fast on bad input

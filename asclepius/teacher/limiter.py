@@ -135,6 +135,18 @@ class RateLimiter:
         self._log_tokens += grant.tokens
         return grant
 
+    def _insert(self, grant: _Grant) -> None:
+        """Log a grant at its time, keeping the log sorted (grants from `reserve` always come last)."""
+        if not self._grants or self._grants[-1].at <= grant.at:
+            self._log(grant)
+            return
+        items = list(self._grants)
+        index = next(i for i, g in enumerate(items) if g.at > grant.at)
+        items.insert(index, grant)
+        self._grants = deque(items)
+        self._log_requests += grant.requests
+        self._log_tokens += grant.tokens
+
     def _prune(self, horizon: float) -> None:
         while self._grants and self._grants[0].at <= horizon:
             old = self._grants.popleft()
@@ -193,11 +205,14 @@ class RateLimiter:
                 continue
             ours = sum(getattr(g, dim) for g in self._grants if now - self.window_s < g.at <= now)
             missing = (limit - remaining) - ours
+            reset = parse_reset(h.get(f"x-ratelimit-reset-{dim}"))
             if missing > max(2.0, 0.02 * limit):
-                phantom = _Grant(max(now, self._last_start), 0, 0)
+                # Booked so that it leaves our window when the server says its own resets (else in a window).
+                phantom = _Grant(now - self.window_s + min(reset, self.window_s) if reset else now, 0, 0)
                 setattr(phantom, dim, int(math.ceil(missing)))
-                self._log(phantom)
-                self._last_start = phantom.at
+                self._insert(phantom)
+            if remaining <= 0 and reset:
+                self.pause(reset)  # the server's quota is spent until its window resets
 
     def pause(self, seconds: float) -> None:
         """`retry-after`: no one on the cluster sends until then."""

@@ -112,7 +112,8 @@ class TeacherUDF:
             "attempts": [o.attempts for o in outcomes],
             "cached": [o.cached for o in outcomes],
         }
-        table = pa.Table.from_pylist(rows, schema=batch.schema) if not self.hooks else pa.Table.from_pylist(rows)
+        # without hooks the rows keep the input's schema (typed even when a column is all null); hooks add columns
+        table = pa.Table.from_pylist(rows, schema=None if self.hooks else batch.schema)
         for name, typ in OUTPUT_COLUMNS.items():
             table = table.append_column(pa.field(name, typ), pa.array(out[name], typ))
         return table
@@ -184,9 +185,12 @@ class Progress:
         self._start = None
         self.last: dict = {}
 
+    COUNTERS = ("settled", "rate_limited", "retries", "cost_usd", "prompt_tokens", "completion_tokens")
+
     def _delta(self) -> dict:
+        """The limiter's snapshot, with its counters relative to this stage's start (the limiter is shared)."""
         now = ray.get(self.actor.snapshot.remote())
-        return {k: (now[k] - self._start.get(k, 0)) if isinstance(now[k], (int, float)) and k in ("settled", "rate_limited", "retries", "cost_usd", "prompt_tokens", "completion_tokens") else now[k] for k in now}
+        return {k: now[k] - self._start.get(k, 0) if k in self.COUNTERS else now[k] for k in now}
 
     def line(self) -> str:
         d = self._delta()

@@ -121,3 +121,10 @@ def test_header_formats():
     assert parse_reset("1h2m3s") == 3723 and parse_reset(None) is None and parse_reset("7") == 7
     assert retry_after_seconds({"Retry-After": "3"}) == 3 and retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert retry_after_seconds({}) is None
+
+
+def test_an_exhausted_quota_pauses_until_the_servers_reset():
+    clock = Clock()
+    lim = RateLimiter(1e6, 6000, safety=1.0, burst_s=0.0, clock=clock)
+    lim.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"})
+    assert lim.reserve(10)[1] == pytest.approx(1.5) and lim.stats.pauses == 1
