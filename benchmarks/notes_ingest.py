@@ -25,6 +25,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from record import record  # noqa: E402
 
 DISCHARGE_SHARE = 0.029
 CATEGORIES = ["Nursing/other", "Radiology", "Nursing", "ECG", "Physician ", "Echo", "Respiratory "]
@@ -214,14 +217,12 @@ def main() -> None:
     print(f"throughput ratio ours/pandas: {speed:.2f}x   peak memory ratio ours/pandas: {mem:.3f}")
 
     if not args.no_record:
-        row = (
-            f"| {time.strftime('%Y-%m-%d')} | notes_ingest | `python benchmarks/notes_ingest.py --rows {args.rows}` | "
-            f"{args.rows:,} rows, {size_gb:.2f} GB | pandas {rps(pandas):,.0f} rows/s, {pandas['peak_bytes'] / gib:.2f} GiB; "
-            f"ours {rps(ours):,.0f} rows/s, {ours['peak_bytes'] / gib:.2f} GiB (Ray idle {ours['idle_bytes'] / gib:.2f}) | "
-            f"speed {speed:.2f}x, memory {mem:.3f}x | {os.cpu_count()} CPU, {psutil.virtual_memory().total / gib:.0f} GiB |\n"
-        )
-        with open(ROOT / "benchmarks" / "BENCHMARKS.md", "a", encoding="utf-8") as f:
-            f.write(row)
+        record(
+            "notes_ingest", f"python benchmarks/notes_ingest.py --rows {args.rows}", f"{args.rows:,} rows, {size_gb:.2f} GB",
+            f"pandas {rps(pandas):,.0f} rows/s, {pandas['peak_bytes'] / gib:.2f} GiB; ours {rps(ours):,.0f} rows/s, "
+            f"{ours['peak_bytes'] / gib:.2f} GiB (Ray idle {ours['idle_bytes'] / gib:.2f})",
+            f"speed {speed:.2f}x, memory {mem:.3f}x", f"{os.cpu_count()} CPU, {psutil.virtual_memory().total / gib:.0f} GiB",
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import openai  # noqa: E402
 import ray  # noqa: E402
@@ -29,6 +30,7 @@ from ray import serve  # noqa: E402
 
 from asclepius.config import ServeConfig  # noqa: E402
 from asclepius.serve.app import start  # noqa: E402
+from record import record  # noqa: E402
 
 QUESTIONS = [
     "What organ does hepatitis affect?",
@@ -165,14 +167,12 @@ def main() -> None:
 
     if not args.no_record:
         figures = "; ".join(f"{c} clients: ours {o['rps']:.2f} req/s {o['tps']:.0f} tok/s p95 {o['p95']:.2f} s, naive {n['rps']:.2f} req/s {n['tps']:.0f} tok/s p95 {n['p95']:.2f} s" for c, o, n, _ in rows)
-        ratio = ", ".join(f"{c}: {s:.2f}x" for c, _, _, s in rows)
-        with open(ROOT / "benchmarks" / "BENCHMARKS.md", "a", encoding="utf-8") as f:
-            f.write(
-                f"| {time.strftime('%Y-%m-%d')} | serve_throughput | `python benchmarks/serve_throughput.py --model {args.model} --seconds {args.seconds:.0f}` | "
-                f"{args.model}, chat, max_tokens {args.max_tokens}, greedy | {figures}; load 16 clients {args.load_seconds:.0f} s: {load['codes']}; "
-                f"overload 32 clients: {over['codes']} | tok/s {ratio} | {os.cpu_count()} CPU |\n"
-            )
-
+        record(
+            "serve_throughput", f"python benchmarks/serve_throughput.py --model {args.model} --seconds {args.seconds:.0f} --threads {args.threads}",
+            f"{args.model}, chat, max_tokens {args.max_tokens}, greedy, {args.threads} torch threads each",
+            f"{figures}; load 16 clients {args.load_seconds:.0f} s: {load['codes']}; overload 32 clients: {over['codes']}",
+            "tok/s " + ", ".join(f"{c}: {s:.2f}x" for c, _, _, s in rows), f"{os.cpu_count()} CPU",
+        )  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -20,11 +20,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
 from asclepius.models import load_model, load_tokenizer  # noqa: E402
 from asclepius.recipe import load_recipe  # noqa: E402
+from record import record  # noqa: E402
+
 from asclepius.train.data import Example, model_inputs, pack, pad_to_longest, padding_fraction, to_columns  # noqa: E402
 
 WORDS = "pt admitted with chest pain troponin negative discharged home on aspirin statin follow up cardiology".split()
@@ -106,14 +109,13 @@ def main() -> None:
           f"(on CPU it pays a dense {args.micro_batch * args.max_len}-square mask; flash-attention varlen does not)")
     print(f"goal padding <= 2 %: token-budget block {varlen[1]:.2%} ({'met' if varlen[1] <= 0.02 else 'NOT met'}), max_len blocks {mask[1]:.2%}")
     if not args.no_record:
-        with open(ROOT / "benchmarks" / "BENCHMARKS.md", "a", encoding="utf-8") as f:
-            f.write(
-                f"| {time.strftime('%Y-%m-%d')} | sft_packing | `python benchmarks/sft_packing.py --examples {args.examples}` | "
-                f"{args.examples} examples, notes 300-1,900 + answers 20-400 tokens, max_len {args.max_len}, micro-batch {args.micro_batch}, tiny LLaMA, CPU | "
-                f"padding: pad-to-longest {results['pad-to-longest'][1]:.1%}, packed max_len blocks {mask[1]:.1%}, packed token-budget block {varlen[1]:.2%}; "
-                f"non-pad tokens/s {base:,.0f} / {mask[2]:,.0f} / {varlen[2]:,.0f} | mask-packed {mask[2] / base:.2f}x tokens/s | {os.cpu_count()} CPU |\n"
-            )
-
+        record(
+            "sft_packing", f"python benchmarks/sft_packing.py --examples {args.examples}",
+            f"{args.examples} examples, notes 300-1,900 + answers 20-400 tokens, max_len {args.max_len}, micro-batch {args.micro_batch}, tiny LLaMA, CPU",
+            f"padding: pad-to-longest {results['pad-to-longest'][1]:.1%}, packed max_len blocks {mask[1]:.1%}, packed token-budget "
+            f"block {varlen[1]:.2%}; non-pad tokens/s {base:,.0f} / {mask[2]:,.0f} / {varlen[2]:,.0f}",
+            f"mask-packed {mask[2] / base:.2f}x tokens/s", f"{os.cpu_count()} CPU",
+        )  # fmt: skip
 
 if __name__ == "__main__":
     main()

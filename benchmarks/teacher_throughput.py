@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import openai  # noqa: E402
 
@@ -32,6 +33,7 @@ from asclepius.teacher.client import ChatRequest, LocalLimiter, TeacherClient  #
 from asclepius.teacher.limiter import RateLimiter  # noqa: E402
 from asclepius.testing.openai_server import max_window_usage  # noqa: E402
 from asclepius.testing.server_process import openai_test_server  # noqa: E402
+from record import record  # noqa: E402
 
 SENTENCE = "Pt w/ h/o HTN, DM2 admitted for CHF exacerbation, diuresed w/ IV lasix, weaned to RA, BNP trending down. "
 
@@ -137,15 +139,13 @@ def main() -> None:
     print(f"ours / recipe pacing: {ratio:.2f}x")
     if not args.no_record:
         o, b = results["ours"], results["recipe pacing"]
-        row = (
-            f"| {time.strftime('%Y-%m-%d')} | teacher_throughput | `python benchmarks/teacher_throughput.py --seconds {args.seconds:.0f} --note-tokens {args.note_tokens}` | "
-            f"{args.rpm:,.0f} RPM / {args.tpm:,.0f} TPM, 60 s window, notes {low:,}-{high:,} tokens, max_tokens 400 | "
-            f"ours {o['share']:.1%} of TPM, {o['429']} 429s, peak window {o['peak_window_tokens']:,} tokens; recipe pacing "
-            f"{b['share']:.1%}, {b['429']} 429s | {ratio:.2f}x | {os.cpu_count()} CPU |\n"
-        )
-        with open(ROOT / "benchmarks" / "BENCHMARKS.md", "a", encoding="utf-8") as f:
-            f.write(row)
-
+        record(
+            "teacher_throughput", f"python benchmarks/teacher_throughput.py --seconds {args.seconds:.0f} --note-tokens {args.note_tokens}",
+            f"{args.rpm:,.0f} RPM / {args.tpm:,.0f} TPM, 60 s window, notes {low:,}-{high:,} tokens, max_tokens 400",
+            f"ours {o['share']:.1%} of TPM, {o['429']} 429s, peak window {o['peak_window_tokens']:,} tokens; "
+            f"recipe pacing {b['share']:.1%}, {b['429']} 429s",
+            f"{ratio:.2f}x", f"{os.cpu_count()} CPU",
+        )  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -21,9 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from record import record  # noqa: E402
 
 from asclepius.train.data import Example, model_inputs, pack, to_columns  # noqa: E402
 from asclepius.train.settings import flops_per_token, peak_flops  # noqa: E402
@@ -100,13 +103,11 @@ def main() -> None:
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if not args.no_record:
-        with open(ROOT / "benchmarks" / "BENCHMARKS.md", "a", encoding="utf-8") as f:
-            f.write(
-                f"| {time.strftime('%Y-%m-%d')} | train_mfu | `python benchmarks/train_mfu.py --size {args.size} --device {args.device}` | "
-                f"{n_params / 1e9:.2f}B LLaMA, seq {args.seq}, micro-batch {args.micro_batch}, {attn}, packed | "
-                f"{tps:,.0f} tokens/s, MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | goal >= 50 % MFU on H100 | {device_name} |\n"
-            )
-
+        record(
+            "train_mfu", f"python benchmarks/train_mfu.py --size {args.size} --device {args.device}",
+            f"{n_params / 1e9:.2f}B LLaMA, seq {args.seq}, micro-batch {args.micro_batch}, {attn}, packed",
+            f"{tps:,.0f} tokens/s, MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'}", "goal >= 50 % MFU on H100", device_name,
+        )  # fmt: skip
 
 if __name__ == "__main__":
     main()
