@@ -65,6 +65,12 @@ class RunDir:
             and entry.get("inputs") == inputs
         )
 
+    def skip_if_complete(self, stage: str, config_hash: str, inputs: dict[str, Any], force: bool = False) -> dict | None:
+        """The stage's recorded entry marked `skipped` if it is complete for these inputs and config, else None."""
+        if not force and self.is_complete(stage, config_hash, inputs):
+            return {**self.stage_entry(stage), "skipped": True}
+        return None
+
     def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
         manifest = self.read_manifest()
         manifest.setdefault("stages", {})[stage] = {**entry, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -150,8 +150,8 @@ def run_synthesize_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, f
     sc = cfg.synthesize
     config_hash = _stage_hash(cfg, "synthesize")
     inputs = _upstream(run, "notes")
-    if not force and run.is_complete("synthesize", config_hash, inputs):
-        return {**run.stage_entry("synthesize"), "skipped": True}
+    if (done := run.skip_if_complete("synthesize", config_hash, inputs, force)) is not None:
+        return done
     started = time.time()
     notes = _read_table(run, "notes")
     reports = notes[notes.source.isin(sc.case_report_sources)].sort_values("note_id") if len(notes) else notes
@@ -266,8 +266,8 @@ def run_questions_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, fo
     qc = cfg.questions
     config_hash = _stage_hash(cfg, "questions", "split", "synthesize")
     inputs = _upstream(run, "notes", "synthesize")
-    if not force and run.is_complete("questions", config_hash, inputs):
-        return {**run.stage_entry("questions"), "skipped": True}
+    if (done := run.skip_if_complete("questions", config_hash, inputs, force)) is not None:
+        return done
     started = time.time()
     notes = _question_notes(cfg, run)
     counts: Counter = Counter(read=len(notes))
@@ -351,8 +351,8 @@ def run_answers_stage(cfg: Config, run: RunDir, get_teacher: TeacherGetter, forc
     ac = cfg.answers
     config_hash = _stage_hash(cfg, "answers")
     inputs = _upstream(run, "questions")
-    if not force and run.is_complete("answers", config_hash, inputs):
-        return {**run.stage_entry("answers"), "skipped": True}
+    if (done := run.skip_if_complete("answers", config_hash, inputs, force)) is not None:
+        return done
     started = time.time()
     questions = _read_table(run, "questions")
     counts: Counter = Counter(read=len(questions))
@@ -438,8 +438,8 @@ def run_import_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
     ic = cfg.instructions_import
     config_hash = cfg.stage_hash("instructions_import")
     inputs = _upstream(run, "notes")
-    if not force and run.is_complete("answers", config_hash, inputs):
-        return {**run.stage_entry("answers"), "skipped": True}
+    if (done := run.skip_if_complete("answers", config_hash, inputs, force)) is not None:
+        return done
     started = time.time()
     counts: Counter = Counter()
     if ic.kind == "asclepius_r":

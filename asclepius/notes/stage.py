@@ -107,10 +107,9 @@ def run_notes_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
     config_hash = cfg.stage_hash("notes")
     files_by_source = [resolve_source(s, i) for i, s in enumerate(cfg.notes.sources)]  # fails fast on bad input
     inputs = {str(i): [file_fingerprint(f.fs, f.path) for f in files] for i, files in enumerate(files_by_source)}
-    if not force and run.is_complete(STAGE, config_hash, inputs):
-        entry = run.stage_entry(STAGE)
-        log.info("notes: up to date in %s (%d notes), skipped", run.uri, entry["totals"]["kept"])
-        return {**entry, "skipped": True}
+    if (done := run.skip_if_complete(STAGE, config_hash, inputs, force)) is not None:
+        log.info("notes: up to date in %s (%d notes), skipped", run.uri, done["totals"]["kept"])
+        return done
 
     started = time.time()
     attempt_dir = run.path(STAGE, "_attempts", uuid.uuid4().hex)

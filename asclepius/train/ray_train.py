@@ -67,16 +67,18 @@ def pretraining_notes(cfg: Config, run: RunDir) -> pd.DataFrame:
     return notes.sort_values("note_id").reset_index(drop=True)
 
 
-def _tokenize_batch(batch: pd.DataFrame, source: str) -> pd.DataFrame:
+def _tokenize_batch(batch: pd.DataFrame, source: str, use_fast: bool | None) -> pd.DataFrame:
     from asclepius.models import load_tokenizer
 
-    tok = load_tokenizer(source)
+    tok = load_tokenizer(source, use_fast=use_fast)
     return pd.DataFrame({"ids": [list(tok(t, add_special_tokens=False)["input_ids"]) for t in batch["text"]]})
 
 
 def pretraining_dataset(cfg: Config, run: RunDir, source: str, tokenizer) -> tuple[ray.data.Dataset, dict]:
     notes = pretraining_notes(cfg, run)
-    tokenized = ray.data.from_pandas(notes[["text"]]).map_batches(_tokenize_batch, batch_format="pandas", fn_kwargs={"source": source})
+    tokenized = ray.data.from_pandas(notes[["text"]]).map_batches(
+        _tokenize_batch, batch_format="pandas", fn_kwargs={"source": source, "use_fast": cfg.model.use_fast_tokenizer}
+    )
     token_lists = [list(ids) for ids in tokenized.to_pandas()["ids"]]
     token_lists = shuffled(token_lists, cfg.pretrain.seed)
     blocks = pretraining_blocks(token_lists, tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.pretrain.max_len)
@@ -102,6 +104,8 @@ def finetuning_dataset(cfg: Config, run: RunDir, tokenizer) -> tuple[ray.data.Da
         else:
             examples.append(ex)
     examples = shuffled(examples, hp.seed)
+    # The pad id never reaches the loss (labels -100) nor another example (attention stays inside examples), so
+    # any id will do: the tokenizer's pad token if it has one (LLaMA's has none; the recipe padded with bos), else eos.
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if hp.packing == "pad_to_longest":
         blocks = pad_to_longest(examples, pad, hp.micro_batch)
@@ -158,7 +162,7 @@ def _worker(config: dict) -> None:
             ckpt = ray.train.get_checkpoint()
             return ckpt.as_directory() if ckpt else contextlib.nullcontext(None)
 
-    tokenizer = load_tokenizer(config["source"])
+    tokenizer = load_tokenizer(config["source"], use_fast=config["use_fast"])
     model = load_model(config["source"], dtype="float32" if not hp.use_gpu else "bfloat16", device="cuda" if hp.use_gpu else "cpu")
     shard = ray.train.get_dataset_shard("train")
 
@@ -193,6 +197,7 @@ def fit(stage: str, cfg: Config, run: RunDir, source: str, dataset: ray.data.Dat
         "hp": hp, "section": stage, "source": source, "steps_per_epoch": steps_per_epoch, "rows_per_batch": rows_per_batch,
         "export_dir": os.path.join(stage_dir, "final"), "metrics_file": os.path.join(stage_dir, "metrics.jsonl"),
         "summary_file": os.path.join(stage_dir, "summary.json"), "torch_extensions_dir": torch_extensions_dir(),
+        "use_fast": cfg.model.use_fast_tokenizer if cfg.model else None,
     }  # fmt: skip
     trainer = TorchTrainer(
         _worker,
@@ -259,10 +264,10 @@ def run_pretrain_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
         return {"status": "complete", "skipped": True, "reason": "no model section"}
     inputs = {s: (run.stage_entry(s) or {}).get("recorded_at") for s in ("notes", "synthesize", "questions")}
     config_hash = cfg.stage_hash("pretrain") + cfg.stage_hash("model")
-    if not force and run.is_complete("pretrain", config_hash, inputs):
-        return {**run.stage_entry("pretrain"), "skipped": True}
+    if (done := run.skip_if_complete("pretrain", config_hash, inputs, force)) is not None:
+        return done
     source = _base_source(cfg)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, use_fast=cfg.model.use_fast_tokenizer)
     dataset, stats = pretraining_dataset(cfg, run, source, tokenizer)
     entry = {"status": "complete", "config_hash": config_hash, "inputs": inputs, "data": stats,
              **fit("pretrain", cfg, run, source, dataset, stats["blocks"], cfg.pretrain.micro_batch)}  # fmt: skip
@@ -277,11 +282,11 @@ def run_finetune_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
         return {"status": "complete", "skipped": True, "reason": "no model section"}
     inputs = {s: (run.stage_entry(s) or {}).get("recorded_at") for s in ("pretrain", "answers")}
     config_hash = cfg.stage_hash("finetune") + cfg.stage_hash("model")
-    if not force and run.is_complete("finetune", config_hash, inputs):
-        return {**run.stage_entry("finetune"), "skipped": True}
+    if (done := run.skip_if_complete("finetune", config_hash, inputs, force)) is not None:
+        return done
     pretrained = run.path("checkpoints", "pretrain", "final")
     source = pretrained if os.path.exists(os.path.join(pretrained, "config.json")) else _base_source(cfg)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, use_fast=cfg.model.use_fast_tokenizer)
     dataset, stats = finetuning_dataset(cfg, run, tokenizer)
     entry = {"status": "complete", "config_hash": config_hash, "inputs": inputs, "data": stats, "base": source,
              **fit("finetune", cfg, run, source, dataset, stats["blocks"], rows_per_batch(cfg.finetune))}  # fmt: skip
