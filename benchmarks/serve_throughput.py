@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import openai  # noqa: E402
 import ray  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
 from ray import serve  # noqa: E402
 
 from asclepius.config import ServeConfig  # noqa: E402

@@ -13,7 +13,6 @@ peak from asclepius.train.settings (dense bf16). Appends a row to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time

@@ -142,7 +142,7 @@ def _fit(counter, render, note: str, budget: int, mode: str):
 
 def _source_kinds(cfg: Config, names) -> set[str]:
     kinds = {s.source_name: s.kind for s in cfg.notes.sources}
-    return {kinds.get(n, "synthetic" if n == "synthetic" else n) for n in names}
+    return {kinds.get(n, n) for n in names}  # synthetic notes are their own kind
 
 
 # ----------------------------------------------------------------------------------------------- synthesize

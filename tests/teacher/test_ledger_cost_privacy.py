@@ -1,7 +1,6 @@
 import json
 import logging
 import multiprocessing as mp
-import os
 
 import pytest
 

@@ -38,7 +38,6 @@ def test_tokens_pace_by_size():
     lim._typical_tokens = 100.0  # pacing rate (6100 - 100) / 60 = 100 tokens/s
     lim.reserve(100)
     clock.t += 100
-    start = clock.t
     d1 = lim.reserve(1000)[1]
     d2 = lim.reserve(500)[1]
     assert d1 == 0 and d2 == pytest.approx(1000 / lim._rates()[1], rel=0.01)  # ~10 s: the first request's tokens
