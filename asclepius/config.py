@@ -41,6 +41,7 @@ class RayConfig(StrictModel):
 
 # --------------------------------------------------------------------------------------------------- notes
 SourceKind = Literal["mimic3", "mimic4", "pmc", "generic"]
+CREDENTIALED_KINDS = ("mimic3", "mimic4")
 
 
 class NoteSourceConfig(StrictModel):
@@ -63,10 +64,26 @@ class NoteSourceConfig(StrictModel):
     drop_iserror: bool = True
     # MIMIC-IV-Note: discharge notes have note_type DS
     keep_note_types: list[str] = Field(default_factory=lambda: ["DS"])
+    credentialed: bool | None = Field(
+        None,
+        description="Notes under a data use agreement (PhysioNet credentialed access): every row and everything made "
+        "from it carries the flag, and the privacy guard refuses to send them to the public OpenAI API. None: true "
+        "for mimic3/mimic4, false otherwise — set true for your own hospital's notes.",
+    )
 
     @property
     def source_name(self) -> str:
         return self.name or self.kind
+
+    @property
+    def is_credentialed(self) -> bool:
+        return self.credentialed if self.credentialed is not None else self.kind in CREDENTIALED_KINDS
+
+    @model_validator(mode="after")
+    def _mimic_is_credentialed(self) -> "NoteSourceConfig":
+        if self.kind in CREDENTIALED_KINDS and self.credentialed is False:
+            raise ValueError(f"credentialed: {self.kind} notes are credentialed data (PhysioNet DUA); it cannot be false")
+        return self
 
     @model_validator(mode="after")
     def _generic_needs_text_column(self) -> "NoteSourceConfig":
@@ -127,7 +144,11 @@ class TeacherConfig(StrictModel):
     ledger_dir: str | None = Field(None, description="POSIX path for the request ledger; default <run>/ledger.")
     limiter_name: str | None = Field(None, description="Name of the cluster-wide limiter; default from endpoint.")
     progress_every_s: float = Field(10.0, gt=0)
-    credentialed_sources: list[str] = Field(default_factory=lambda: ["mimic3", "mimic4"])
+    credentialed_sources: list[str] = Field(
+        default_factory=lambda: ["mimic3", "mimic4"],
+        description="Source names (the `source` column) refused like credentialed rows, in addition to every row whose "
+        "provenance flag (notes.sources.N.credentialed) is set.",
+    )
     i_have_permission_to_send_credentialed_notes_to_public_openai: bool = Field(
         False,
         description="PhysioNet's data use agreement forbids sending MIMIC notes to the public OpenAI API; Azure "

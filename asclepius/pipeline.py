@@ -1,36 +1,32 @@
-"""Runs the stages in order; each stage skips itself when its manifest entry matches its inputs and config.
+"""Runs the stages in order under the stage contract (asclepius.run): each is skipped when its recorded outputs
+match its config and inputs, resumed when it was cut off, and redone otherwise.
 
-The pipeline joins the stages (no stage imports another): it hands the generating stages a way to get the
-teacher, which for the embedded default deploys our own Serve app first (`teacher_from_serve`).
+The pipeline joins the stages (no stage imports another): it picks the stages the config asks for and hands the
+generating stages a way to get the teacher, which for the embedded default deploys our own Serve app first
+(`teacher_from_serve`).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from typing import Callable
 
 from asclepius.cluster import init_ray
 from asclepius.config import Config, TeacherConfig
-from asclepius.generate.stages import (
-    format_summary as generate_summary,
-    run_answers_stage,
-    run_import_stage,
-    run_questions_stage,
-    run_synthesize_stage,
-)
-from asclepius.notes.stage import format_summary as notes_summary
-from asclepius.notes.stage import run_notes_stage
-from asclepius.run import RunDir
-from asclepius.serve.stage import format_summary as serve_summary
-from asclepius.serve.stage import run_serve_stage
-from asclepius.train.ray_train import format_summary as train_summary
-from asclepius.train.ray_train import run_finetune_stage, run_pretrain_stage
+from asclepius.generate.answers import STAGE as ANSWERS
+from asclepius.generate.importing import STAGE as IMPORT
+from asclepius.generate.questions import STAGE as QUESTIONS
+from asclepius.generate.split import STAGE as SPLIT
+from asclepius.generate.synthesize import STAGE as SYNTHESIZE
+from asclepius.notes.stage import NOTES_STAGE
+from asclepius.run import RunDir, Stage, StageStatus, run_stage, stage_status
+from asclepius.serve.stage import STAGE_DEF as SERVE
+from asclepius.train.ray_train import FINETUNE_STAGE, PRETRAIN_STAGE
 
 log = logging.getLogger("asclepius")
 
-STAGE_ORDER = ["notes", "synthesize", "questions", "answers", "pretrain", "finetune", "serve"]
+STAGE_ORDER = ["notes", "synthesize", "split", "questions", "answers", "pretrain", "finetune", "serve"]
+GENERATING = {"synthesize", "questions", "answers"}
 
 
 class TeacherSource:
@@ -73,38 +69,48 @@ class TeacherSource:
         return cfg.teacher
 
 
-def stages_for(cfg: Config, teacher: TeacherSource | None = None) -> dict[str, tuple[Callable[..., dict], Callable[[dict], str]]]:
-    teacher = teacher or TeacherSource(cfg)
-    stages: dict[str, tuple[Callable[..., dict], Callable[[dict], str]]] = {"notes": (run_notes_stage, notes_summary)}
+def pipeline_stages(cfg: Config) -> list[Stage]:
+    """The stages this config runs, in order."""
+    stages = [NOTES_STAGE]
     if cfg.instructions_import is not None:
-        stages["answers"] = (run_import_stage, generate_summary("import"))
+        stages += [SPLIT, IMPORT]  # released instruction data takes the generating stages' place
     else:
-        stages["synthesize"] = (functools.partial(run_synthesize_stage, get_teacher=teacher), generate_summary("synthesize"))
-        stages["questions"] = (functools.partial(run_questions_stage, get_teacher=teacher), generate_summary("questions"))
-        stages["answers"] = (functools.partial(run_answers_stage, get_teacher=teacher), generate_summary("answers"))
-    stages["pretrain"] = (run_pretrain_stage, train_summary("pretrain"))
-    stages["finetune"] = (run_finetune_stage, train_summary("finetune"))
-    stages["serve"] = (run_serve_stage, serve_summary)  # last: it serves what the stages before it produced
+        stages += [SYNTHESIZE, SPLIT, QUESTIONS, ANSWERS]
+    if cfg.model is not None:
+        stages += [PRETRAIN_STAGE, FINETUNE_STAGE]
+    if cfg.serve is not None:
+        stages.append(SERVE)  # last: it serves what the stages before it produced
     return stages
 
 
+def pipeline_status(cfg: Config) -> list[StageStatus]:
+    """Each stage's state in the run directory (complete, stale, running, never run) and why."""
+    run = RunDir.open(cfg.run_dir)
+    return [stage_status(s, cfg, run) for s in pipeline_stages(cfg)]
+
+
 def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False) -> dict[str, dict]:
+    unknown = [s for s in stages or [] if s not in STAGE_ORDER]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages: {STAGE_ORDER}")
     started = time.time()
     init_ray(cfg.ray)
     run = RunDir.open(cfg.run_dir)
     teacher = TeacherSource(cfg)
-    available = stages_for(cfg, teacher)
-    unknown = [s for s in stages or [] if s not in STAGE_ORDER]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages: {STAGE_ORDER}")
+    selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
     results = {}
-    for name in [s for s in STAGE_ORDER if s in available and (not stages or s in stages)]:
-        runner, summary = available[name]
-        t = time.time()
-        entry = runner(cfg, run, force=force)
-        log.info("%s", summary(entry) if not entry.get("skipped") else f"{name}: up to date, skipped")
-        results[name] = {**entry, "wall_seconds": round(time.time() - t, 2)}
-        if name == "answers":
-            teacher.release()  # the generating stages are done
+    try:
+        for stage in selected:
+            t = time.time()
+            entry = run_stage(stage, cfg, run, force=force, teacher=teacher if stage.name in GENERATING else None)
+            if entry.get("skipped"):
+                log.info("%s: up to date, skipped", stage.name)
+            elif stage.summary:
+                log.info("%s", stage.summary(entry))
+            results[stage.name] = {**entry, "wall_seconds": round(time.time() - t, 2)}
+            if stage.name == "answers":
+                teacher.release()  # the generating stages are done: give the teacher's resources to training
+    finally:
+        teacher.release()
     log.info("pipeline: %d stage(s) done in %.1f s; run directory %s", len(results), time.time() - started, cfg.run_dir)
     return results

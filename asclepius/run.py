@@ -1,24 +1,76 @@
-"""The run directory: where each stage's artifacts live, and the manifest that says which stages are done.
+"""The run directory, and the one contract every stage follows: what it depends on, when it is done, what it may
+never lose.
 
-A run is a local path or any pyarrow filesystem URI (s3://bucket/run, gs://...). `<run>/manifest.json` holds, for
-each stage, the config hash and input fingerprints it ran with, row counts, timings and costs. A stage whose entry
-is `complete` and whose hash and fingerprints match is skipped; anything else runs again.
+A run is a local path or any pyarrow filesystem URI (s3://bucket/run, gs://...). `<run>/manifest.json` holds one
+entry per stage. A stage is a `Stage`: its name, the config sections (and single values) that decide its output,
+the upstream stages whose outputs it reads, and the run-directory folders it writes. `run_stage` does the rest,
+the same way for every stage:
+
+1. **Decide.** The stage is skipped only if its entry is `complete`, its config hash and its inputs (the upstream
+   stages' output ids, or fingerprints of files outside the run) are the ones recorded, and its published outputs
+   still list exactly the files recorded. Anything else reruns it, and `status` says why.
+2. **Record `running` first**, with an attempt id. A stage that was cut off (entry still `running`, same hash and
+   inputs) resumes its attempt: Ray Train restores its checkpoints, journals replay. A changed config, changed
+   inputs or `--force` start a new attempt, so nothing of an older config is ever restored.
+3. **Work in staging.** Outputs are written under `<run>/.staging/<stage>/<attempt>/<output>`; readers never see
+   them half-written.
+4. **Publish by rename**, then record `complete` with the output listing (file names and sizes) and an output id
+   that the downstream stages take as their input.
+
+Reading an upstream table: only "not there" (the stage never ran, or is not part of this pipeline) may mean empty;
+any other error — a corrupt or truncated Parquet file, a storage error — stops the stage naming the file.
+
+Files here hold clinical text: on a local filesystem the run directory is created private to its owner (0700).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import posixpath
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger("asclepius")
 
 MANIFEST = "manifest.json"
+STAGING = ".staging"
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 
+class StageInputError(RuntimeError):
+    """An input exists but cannot be read; the message names the file (never its content)."""
+
+
+class StageOrderError(RuntimeError):
+    """A stage was asked to run before a stage it requires has completed."""
+
+
+# ----------------------------------------------------------------------------------------------- private files
+def make_private_dir(path: str) -> str:
+    """A local directory only its owner can enter (it holds clinical text or what was derived from it)."""
+    os.makedirs(path, mode=PRIVATE_DIR_MODE, exist_ok=True)
+    os.chmod(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def open_private(path: str, mode: str = "a"):
+    """Open a local text file created 0600 whatever the umask (ledger parts, journals)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- the run directory
 @dataclass(frozen=True)
 class RunDir:
     fs: pafs.FileSystem
@@ -30,13 +82,20 @@ class RunDir:
         fs, root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), _abspath(uri))
         root = root.rstrip("/") or "/"
         fs.create_dir(root, recursive=True)
-        return cls(fs=fs, root=root, uri=uri)
+        run = cls(fs=fs, root=root, uri=uri)
+        if run.is_local:
+            os.chmod(root, PRIVATE_DIR_MODE)
+        return run
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def stage_dir(self, stage: str) -> str:
-        return self.path(stage)
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     # ------------------------------------------------------------------------------------------- manifest
     def read_manifest(self) -> dict[str, Any]:
@@ -56,30 +115,72 @@ class RunDir:
     def stage_entry(self, stage: str) -> dict[str, Any] | None:
         return self.read_manifest()["stages"].get(stage)
 
-    def is_complete(self, stage: str, config_hash: str, inputs: dict[str, Any]) -> bool:
-        entry = self.stage_entry(stage)
-        return bool(
-            entry
-            and entry.get("status") == "complete"
-            and entry.get("config_hash") == config_hash
-            and entry.get("inputs") == inputs
-        )
-
-    def skip_if_complete(self, stage: str, config_hash: str, inputs: dict[str, Any], force: bool = False) -> dict | None:
-        """The stage's recorded entry marked `skipped` if it is complete for these inputs and config, else None."""
-        if not force and self.is_complete(stage, config_hash, inputs):
-            return {**self.stage_entry(stage), "skipped": True}
-        return None
-
     def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
         manifest = self.read_manifest()
         manifest.setdefault("stages", {})[stage] = {**entry, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.write_manifest(manifest)
 
+    # ------------------------------------------------------------------------------------------- tables
+    def files(self, folder: str) -> list[str]:
+        """Data files under a folder (recursive, sorted); names starting with '.' or '_' are working files."""
+        base = self.path(folder)
+        if not self.exists(base):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        out = []
+        for info in infos:
+            rel = posixpath.relpath(info.path, base)
+            if info.type == pafs.FileType.File and not any(p.startswith((".", "_")) for p in rel.split("/")):
+                out.append(info.path)
+        return sorted(out)
+
+    def listing(self, folder: str) -> dict[str, int]:
+        """{relative file name: size} of a published folder: what `complete` promises is there."""
+        base = self.path(folder)
+        return {posixpath.relpath(p, base): self.fs.get_file_info(p).size for p in self.files(folder)}
+
+    def read_table(self, folder: str, columns: list[str] | None = None) -> pa.Table | None:
+        """A published table, or None if the folder is not there (the stage has not produced it). Every other
+        failure stops the caller with the file's name: a corrupt table must never read as an empty one."""
+        paths = [p for p in self.files(folder) if p.endswith(".parquet")]
+        if not paths:
+            return None
+        tables = []
+        for p in paths:
+            try:
+                with self.fs.open_input_file(p) as f:
+                    tables.append(pq.read_table(f, columns=columns))
+            except (OSError, pa.ArrowException) as err:
+                raise StageInputError(
+                    f"cannot read {self.uri.rstrip('/')}/{posixpath.relpath(p, self.root)} ({type(err).__name__}: "
+                    f"{str(err)[:200]}); the stage stops rather than read it as empty. Rerun the stage that wrote it "
+                    f"(--force) or restore the file."
+                ) from None
+        return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+    def read_frame(self, folder: str, columns: list[str] | None = None):
+        """`read_table` as pandas; an empty frame (with `columns`, if given) when the folder is not there."""
+        import pandas as pd
+
+        table = self.read_table(folder, columns)
+        return table.to_pandas() if table is not None else pd.DataFrame(columns=columns or [])
+
+    def write_frame(self, folder_path: str, df, name: str) -> str:
+        """Write a pandas frame as one Parquet file into `folder_path` (a full path inside the run), atomically."""
+        self.fs.create_dir(folder_path, recursive=True)
+        path = posixpath.join(folder_path, name)
+        tmp = posixpath.join(folder_path, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), f)
+        self.fs.move(tmp, path)
+        return path
+
+    def delete_dir(self, path: str) -> None:
+        if self.exists(path):
+            self.fs.delete_dir(path)
+
 
 def _abspath(path: str) -> str:
-    import os
-
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -88,3 +189,168 @@ def file_fingerprint(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     info = fs.get_file_info(path)
     mtime = info.mtime_ns if info.mtime_ns is not None else None
     return {"path": path, "size": info.size, "mtime_ns": mtime}
+
+
+def digest(value: Any) -> str:
+    payload = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- the contract
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration; `run_stage` applies the contract to it."""
+
+    name: str
+    work: Callable[["StageRun"], dict]  # the stage's logic: writes its outputs under ctx.output(...), returns counts
+    sections: tuple[str, ...] = ()  # config sections whose values decide the output ("seed" for the top-level seed)
+    upstream: tuple[str, ...] = ()  # stages whose published outputs it reads
+    outputs: tuple[str, ...] = ()  # run-directory folders it publishes
+    identity: Callable[[Any], Any] | None = None  # more hashed values: the teacher, single fields of other sections
+    external_inputs: Callable[[Any], Any] | None = None  # fingerprints of inputs outside the run (source files)
+    requires: tuple[str, ...] = ()  # upstream stages that must have completed (the split: held-out notes must be known)
+    always_run: bool = False  # the serve stage deploys every time it is asked to
+    summary: Callable[[dict], str] | None = None  # one line (or a few) for the console
+
+    def config_parts(self, cfg) -> dict[str, str]:
+        parts = {}
+        for section in self.sections:
+            value = getattr(cfg, section)
+            parts[section] = digest(value.model_dump(mode="json") if hasattr(value, "model_dump") else value)
+        if self.identity is not None:
+            parts["identity"] = digest(self.identity(cfg))
+        return parts
+
+    def config_hash(self, cfg) -> str:
+        return digest(self.config_parts(cfg))
+
+    def inputs(self, cfg, run: RunDir) -> dict[str, Any]:
+        manifest = run.read_manifest()["stages"]
+        out: dict[str, Any] = {s: (manifest.get(s) or {}).get("output_id") for s in self.upstream}
+        if self.external_inputs is not None:
+            out["external"] = self.external_inputs(cfg)
+        return out
+
+
+@dataclass
+class StageRun:
+    """What a stage's work gets: the config, the run, where to write, and its attempt."""
+
+    stage: Stage
+    cfg: Any
+    run: RunDir
+    attempt: str
+    config_hash: str
+    inputs: dict
+    resumed: bool
+    teacher: Callable[[], Any] | None = None
+    extra: dict = field(default_factory=dict)  # pipeline-provided hooks (e.g. release the teacher)
+
+    @property
+    def staging_root(self) -> str:
+        return self.run.path(STAGING, self.stage.name, self.attempt)
+
+    def output(self, name: str) -> str:
+        """The staging folder of one declared output; published at `<run>/<name>` when the stage completes."""
+        if name not in self.stage.outputs:
+            raise ValueError(f"stage {self.stage.name} does not declare output {name!r} (declared: {self.stage.outputs})")
+        path = posixpath.join(self.staging_root, name)
+        self.run.fs.create_dir(path, recursive=True)
+        return path
+
+    def local_output(self, name: str) -> str:
+        """`output`, as a local path (training writes with save_pretrained, which needs one)."""
+        if not self.run.is_local:
+            raise ValueError(f"stage {self.stage.name}: this output needs a local or shared POSIX run_dir, got {self.run.uri}")
+        return self.output(name)
+
+
+@dataclass
+class StageStatus:
+    name: str
+    state: str  # complete, stale, running (cut off), never run
+    reasons: list[str]
+    entry: dict | None
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.state == "complete"
+
+
+def stage_status(stage: Stage, cfg, run: RunDir, inputs: dict | None = None) -> StageStatus:
+    """Whether a stage would be skipped, and if not, every reason why."""
+    inputs = stage.inputs(cfg, run) if inputs is None else inputs
+    entry = run.stage_entry(stage.name)
+    if not entry:
+        return StageStatus(stage.name, "never run", ["never run"], None)
+    reasons = []
+    if entry.get("config_hash") != stage.config_hash(cfg):
+        recorded = entry.get("config_parts") or {}
+        changed = [k for k, v in stage.config_parts(cfg).items() if recorded.get(k) != v]
+        reasons.append(f"config changed ({', '.join(changed) or 'hash'})")
+    recorded_inputs = entry.get("inputs") or {}
+    for name, value in inputs.items():
+        if recorded_inputs.get(name) != value:
+            reasons.append("input files changed" if name == "external" else f"upstream {name} changed")
+    if entry.get("status") == "running":
+        return StageStatus(stage.name, "running", ["interrupted (recorded running, never completed)", *reasons], entry)
+    if entry.get("status") != "complete":
+        reasons.append(f"status {entry.get('status')}")
+    for folder, listing in (entry.get("outputs") or {}).items():
+        if run.listing(folder) != listing:
+            reasons.append(f"output {folder}/ differs from what was recorded")
+    return StageStatus(stage.name, "stale" if reasons else "complete", reasons, entry)
+
+
+def run_stage(stage: Stage, cfg, run: RunDir, force: bool = False, teacher=None, extra: dict | None = None) -> dict:
+    """Apply the contract: skip, or record running → work in staging → publish → record complete."""
+    inputs = stage.inputs(cfg, run)
+    status = stage_status(stage, cfg, run, inputs)
+    if status.up_to_date and not force and not stage.always_run:
+        return {**status.entry, "skipped": True}
+    manifest = run.read_manifest()["stages"]
+    missing = [u for u in stage.requires if (manifest.get(u) or {}).get("status") != "complete"]
+    if missing:
+        raise StageOrderError(f"stage {stage.name} needs {missing} to have completed first: run the whole pipeline, or "
+                              f"--stage {' --stage '.join(missing)} before it")  # fmt: skip
+    config_hash = stage.config_hash(cfg)
+    previous = status.entry or {}
+    resumed = bool(
+        not force and previous.get("status") == "running" and previous.get("config_hash") == config_hash
+        and previous.get("inputs") == inputs and previous.get("attempt")
+    )  # fmt: skip
+    attempt = previous["attempt"] if resumed else f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if not resumed:  # an older attempt's half-written outputs never mix with this one's
+        run.delete_dir(run.path(STAGING, stage.name))
+    if status.state != "never run":
+        log.info("%s: %s", stage.name, "; ".join(status.reasons) if not force else "forced")
+    started = time.time()
+    running = {"status": "running", "config_hash": config_hash, "config_parts": stage.config_parts(cfg), "inputs": inputs,
+               "attempt": attempt, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    run.record_stage(stage.name, running)
+    ctx = StageRun(stage, cfg, run, attempt, config_hash, inputs, resumed, teacher, extra or {})
+    result = stage.work(ctx)
+    outputs = {name: _publish(run, ctx, name) for name in stage.outputs}
+    entry = {
+        **result, **running, "status": "complete", "outputs": outputs, "resumed": resumed,
+        "output_id": digest({"attempt": attempt, "config": config_hash, "outputs": outputs}),
+        "seconds": result.get("seconds", round(time.time() - started, 2)),
+    }  # fmt: skip
+    run.record_stage(stage.name, entry)
+    run.delete_dir(run.path(STAGING, stage.name))
+    return entry
+
+
+def _publish(run: RunDir, ctx: StageRun, name: str) -> dict[str, int]:
+    """Move the staged output into place: the old folder aside, the new one in, the old one deleted. A crash in
+    between leaves the entry `running`, so the stage is redone, never trusted."""
+    staged = posixpath.join(ctx.staging_root, name)
+    target = run.path(name)
+    if not run.exists(staged):
+        run.fs.create_dir(staged, recursive=True)  # an output with nothing in it is still an output
+    if run.exists(target):
+        aside = run.path(STAGING, ctx.stage.name, f"old-{uuid.uuid4().hex[:8]}")
+        run.fs.move(target, aside)
+    run.fs.create_dir(posixpath.dirname(target), recursive=True)
+    run.fs.move(staged, target)
+    return run.listing(name)

@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 from rouge_score import rouge_scorer, tokenizers
 
 from asclepius.generate.prompts import stable_fraction
+from asclepius.run import make_private_dir, open_private
 
 
 class TaskPool:
@@ -98,10 +99,11 @@ class QuestionPool:
         self.decisions: dict[str, dict] = {}
         self._journal = None
         if journal_dir:
-            os.makedirs(journal_dir, exist_ok=True)
+            make_private_dir(os.path.dirname(os.path.abspath(journal_dir)))
+            make_private_dir(journal_dir)  # the journal holds generated questions about clinical notes
             path = os.path.join(journal_dir, "journal.jsonl")
             self._replay(path)
-            self._journal = open(path, "a", encoding="utf-8")
+            self._journal = open_private(path)
 
     def _replay(self, path: str) -> None:
         if not os.path.exists(path):
@@ -127,8 +129,8 @@ class QuestionPool:
             os.fsync(self._journal.fileno())
 
     def examples(self, note_id: str, task: str) -> dict:
-        """The examples for a note's prompt: the recorded ones if it already has a plan."""
-        if note_id in self.plans:
+        """The examples for a note's prompt: the recorded ones if it already has a plan for this task."""
+        if note_id in self.plans and self.plans[note_id]["task"] == task:
             return self.plans[note_id]
         rng = random.Random(int(stable_fraction(self.seed, f"examples:{note_id}") * 2**53))
         pool = self.tasks[task]
@@ -142,9 +144,10 @@ class QuestionPool:
         return plan
 
     def offer(self, note_id: str, task: str, question: str) -> dict:
-        """Offer a note's generated question to its task's pool (once per note; a repeat returns the decision)."""
-        if note_id in self.decisions:
-            return self.decisions[note_id]
+        """Offer a note's generated question to its task's pool (once; the same offer again returns the decision)."""
+        recorded = self.decisions.get(note_id)
+        if recorded and recorded["task"] == task and recorded["question"] == question:
+            return recorded
         accepted, score = self.tasks[task].offer(question)
         rec = {"kind": "offer", "note_id": note_id, "task": task, "question": question, "accepted": accepted,
                "rouge_l": round(score, 4)}  # fmt: skip

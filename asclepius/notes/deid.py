@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-PLACEHOLDER = re.compile(r"\[\*\*(.*?)\*\*\]", re.DOTALL)
+# Within one line, as the recipe matched: with DOTALL a stray `[**` would swallow clinical text up to the next `**]`.
+PLACEHOLDER = re.compile(r"\[\*\*(.*?)\*\*\]")
 MIMIC4_PLACEHOLDER = re.compile(r"_{3,}")
 MONTHS = (
     "January", "February", "March", "April", "May", "June",

@@ -23,7 +23,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from asclepius.config import NotesConfig, NoteSourceConfig
-from asclepius.notes.sources import NOTES_SCHEMA, clean_batch, source_columns
+from asclepius.notes.sources import NOTES_SCHEMA, DuplicateFilter, clean_batch, source_columns
 from asclepius.recipe import mimic3_eval_row_ids
 
 SAMPLES = {
@@ -281,6 +281,11 @@ def read_source_locally(source: NoteSourceConfig, notes: NotesConfig, index: int
             unknown.update(result.unknown_placeholder_types)
     counts["read"] += rejected.count
     counts["dropped:malformed_row"] += rejected.count
+    dedupe = DuplicateFilter()
+    for i, table in enumerate(tables):
+        tables[i], dropped = dedupe(table)
+        counts["dropped:duplicate"] += dropped
+        counts["kept"] -= dropped
     kept = pa.concat_tables(tables) if tables else NOTES_SCHEMA.empty_table()
     return kept, counts, rejected, unknown
 

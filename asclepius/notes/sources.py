@@ -39,6 +39,7 @@ NOTES_SCHEMA = pa.schema(
         ("utf8_repaired", pa.bool_()),
         ("deid_placeholders", pa.int32()),
         ("deid_unknown", pa.int32()),
+        ("credentialed", pa.bool_()),  # provenance: under a data use agreement (MIMIC, or flagged in the config)
     ]
 )
 
@@ -51,6 +52,7 @@ DROP_REASONS = (
     "eval_set",  # MIMIC-III ROW_ID in the recipe's evaluation sets (or the configured list)
     "empty_text",  # no text, or fewer than min_chars after stripping whitespace
     "bad_utf8",  # undecodable bytes, with on_bad_utf8 = drop
+    "duplicate",  # a note id seen before (the same ROW_ID twice; for generic sources without ids, the same text)
 )
 
 
@@ -258,6 +260,7 @@ def clean_batch(
         "utf8_repaired": kept_repaired,
         "deid_placeholders": pa.array(n_placeholders, pa.int32()),
         "deid_unknown": pa.array(n_unknown, pa.int32()),
+        "credentialed": pa.array([source.is_credentialed] * len(note_ids), pa.bool_()),
     }
     for in_col, out_col in cols.metadata.items():
         columns[out_col] = pc.filter(_repair_utf8(_column(table, in_col))[0], kept_mask)
@@ -278,3 +281,23 @@ def _note_id(source: NoteSourceConfig, raw_id: str | None, text_sha1: str) -> st
     if source.kind == "generic" and not source.id_column:
         return f"{source.source_name}-{text_sha1[:16]}"  # no id column: the text's hash is a stable id
     return f"{source.source_name}-{raw_id}"
+
+
+class DuplicateFilter:
+    """Keeps the first row of every note id across the batches it is shown; counts the rest. A generic source
+    without an id column has text-hash ids, so the same note twice is sent to the teacher (and trained on) once."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def keep_mask(self, note_ids: list[str]) -> list[bool]:
+        keep = []
+        for note_id in note_ids:
+            keep.append(note_id not in self.seen)
+            self.seen.add(note_id)
+        return keep
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, int]:
+        keep = self.keep_mask(table.column("note_id").to_pylist())
+        dropped = len(keep) - sum(keep)
+        return (table.filter(pa.array(keep)) if dropped else table), dropped

@@ -3,9 +3,11 @@
 Each block goes read → clean_batch → Parquet file in one fused task, so note text crosses no object store and
 the work spreads over every node that has a CPU (one read task per file; shard big inputs into several files to
 use more than one core). A task returns only a small summary row — its file name and counts — so the driver
-sums exact counts for free, in the same single pass over the input. Files are written under a private attempt
-directory and only those named in a summary are moved into place: a retried task's orphan file is never
-published, so the output holds every kept note exactly once.
+sums exact counts for free, in the same single pass over the input. Files are written under a private working
+folder and only those named in a summary are moved into the stage's staging output: a retried task's orphan file
+is never published. Then every note id is kept once (a second row with the same id — for a generic source without
+ids, the same text — is dropped and counted: it would be sent to the teacher and trained on twice); only the ids
+are read for that, and a file is rewritten only if it holds a repeated id.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import ray
 
 from asclepius.config import Config, NotesConfig, NoteSourceConfig
 from asclepius.notes.readers import SourceFile, csv_options, excluded_row_ids, json_array_table, resolve_source, select_columns
-from asclepius.notes.sources import DROP_REASONS, NOTES_SCHEMA, clean_batch
-from asclepius.run import RunDir, file_fingerprint
+from asclepius.notes.sources import DROP_REASONS, NOTES_SCHEMA, DuplicateFilter, clean_batch
+from asclepius.run import RunDir, Stage, StageRun, file_fingerprint, run_stage
 
 log = logging.getLogger("asclepius.notes")
 STAGE = "notes"
@@ -68,6 +70,7 @@ class _RejectSink:
 def _clean_and_write(
     batch: pa.Table,
     *,
+    index: int,
     source: NoteSourceConfig,
     notes: NotesConfig,
     excluded: frozenset[int],
@@ -77,7 +80,7 @@ def _clean_and_write(
     result = clean_batch(batch, source, notes, excluded)
     file = None
     if result.kept.num_rows:
-        file = posixpath.join(out_dir, f"{source.source_name}-{uuid.uuid4().hex}.parquet")
+        file = posixpath.join(out_dir, f"{index:02d}-{uuid.uuid4().hex}.parquet")
         with fs.open_output_stream(file) as f:
             pq.write_table(result.kept, f, compression="zstd")
     return pa.table(
@@ -103,24 +106,30 @@ def _dataset(file: SourceFile, sink) -> ray.data.Dataset:
     return ray.data.from_arrow(json_array_table(file))
 
 
-def run_notes_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    config_hash = cfg.stage_hash("notes")
-    files_by_source = [resolve_source(s, i) for i, s in enumerate(cfg.notes.sources)]  # fails fast on bad input
-    inputs = {str(i): [file_fingerprint(f.fs, f.path) for f in files] for i, files in enumerate(files_by_source)}
-    if (done := run.skip_if_complete(STAGE, config_hash, inputs, force)) is not None:
-        log.info("notes: up to date in %s (%d notes), skipped", run.uri, done["totals"]["kept"])
-        return done
+def _source_files(cfg: Config) -> list[list[SourceFile]]:
+    return [resolve_source(s, i) for i, s in enumerate(cfg.notes.sources)]  # fails fast on bad input
 
+
+def source_fingerprints(cfg: Config) -> dict:
+    return {str(i): [file_fingerprint(f.fs, f.path) for f in files] for i, files in enumerate(_source_files(cfg))}
+
+
+def notes_work(ctx: StageRun) -> dict:
+    cfg, run = ctx.cfg, ctx.run
+    files_by_source = _source_files(cfg)
     started = time.time()
-    attempt_dir = run.path(STAGE, "_attempts", uuid.uuid4().hex)
-    run.fs.create_dir(attempt_dir, recursive=True)
+    out_dir = ctx.output(STAGE)
+    # Tasks write under a private folder; only files a finished task named are published (a retried task's
+    # orphan never is).
+    work_dir = posixpath.join(out_dir, "_tasks", uuid.uuid4().hex)
+    run.fs.create_dir(work_dir, recursive=True)
     reject_name = f"asclepius-notes-rejects-{uuid.uuid4().hex[:12]}"
     rejects = RejectLog.options(name=reject_name).remote()
     sink = _RejectSink(reject_name)
 
-    per_source: dict[str, dict] = {}
+    per_source: dict[str, Counter] = {}
     unknown_types: Counter = Counter()
-    written: list[str] = []
+    written: list[tuple[int, str]] = []
     try:
         for i, (source, files) in enumerate(zip(cfg.notes.sources, files_by_source)):
             excluded = excluded_row_ids(source, i)
@@ -132,15 +141,15 @@ def run_notes_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
                 batch_format="pyarrow",
                 batch_size=None,  # one file per block: big enough Parquet files, no re-chunking copies
                 zero_copy_batch=True,
-                fn_kwargs=dict(source=source, notes=cfg.notes, excluded=excluded, fs=run.fs, out_dir=attempt_dir),
+                fn_kwargs=dict(index=i, source=source, notes=cfg.notes, excluded=excluded, fs=run.fs, out_dir=work_dir),
             ).take_all()
             counts: Counter = Counter()
             for row in summaries:
                 counts.update(json.loads(row["counts"]))
                 unknown_types.update(json.loads(row["unknown_types"]))
                 if row["file"]:
-                    written.append(row["file"])
-            per_source[f"{i}:{source.source_name}"] = dict(counts)
+                    written.append((i, row["file"]))
+            per_source[f"{i}:{source.source_name}"] = counts
         malformed = ray.get(rejects.summary.remote())
     finally:
         ray.kill(rejects)
@@ -148,54 +157,66 @@ def run_notes_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
     # Malformed rows were skipped by the parser, so no batch saw them: add them to the sources they came from.
     for i, (source, files) in enumerate(zip(cfg.notes.sources, files_by_source)):
         n = sum(malformed.by_file.get(f.path, 0) for f in files)
-        key = f"{i}:{source.source_name}"
-        per_source[key]["read"] = per_source[key].get("read", 0) + n
-        per_source[key]["dropped:malformed_row"] = per_source[key].get("dropped:malformed_row", 0) + n
+        per_source[f"{i}:{source.source_name}"].update({"read": n, "dropped:malformed_row": n})
 
-    _publish(run, attempt_dir, written)
+    _place(run, work_dir, out_dir, sorted(written), per_source, [f"{i}:{s.source_name}" for i, s in enumerate(cfg.notes.sources)])
+    if unknown_types:
+        # Placeholder labels the tag map does not know help extend it; they come from the notes, so they stay in
+        # the (private) run directory with the notes — never in the manifest or a log line.
+        with run.fs.open_output_stream(posixpath.join(out_dir, "_deid_unknown_types.json")) as f:
+            f.write(json.dumps(dict(unknown_types.most_common()), indent=1).encode())
     totals: Counter = Counter()
     for counts in per_source.values():
         totals.update(counts)
     dropped = {r: totals.get(f"dropped:{r}", 0) for r in DROP_REASONS}
     entry = {
-        "status": "complete",
-        "config_hash": config_hash,
-        "inputs": inputs,
-        "sources": per_source,
+        "sources": {k: dict(v) for k, v in per_source.items()},
         "totals": {"read": totals["read"], "kept": totals["kept"], "dropped": dropped},
         "utf8_repaired": totals.get("utf8_repaired", 0),
-        "deid": {
-            "placeholders": totals.get("deid_placeholders", 0),
-            "unknown": totals.get("deid_unknown", 0),
-            "unknown_types": dict(unknown_types.most_common(20)),
-        },
+        "deid": {"placeholders": totals.get("deid_placeholders", 0), "unknown": totals.get("deid_unknown", 0),
+                 "unknown_types": len(unknown_types)},  # fmt: skip
         "malformed_rows": {"count": malformed.count, "first": malformed.first},
         "files": len(written),
         "seconds": round(time.time() - started, 2),
     }
     if entry["totals"]["read"] != entry["totals"]["kept"] + sum(dropped.values()):
         raise AssertionError(f"notes: counts do not add up: {entry['totals']}")  # a bug, never expected
-    run.record_stage(STAGE, entry)
     return entry
 
 
-def _publish(run: RunDir, attempt_dir: str, written: list[str]) -> None:
-    """Replace the stage's previous output with this attempt's files; drop anything a retried task left."""
-    out_dir = run.path(STAGE)
-    for info in run.fs.get_file_info(pafs.FileSelector(out_dir, recursive=False)):
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
-            run.fs.delete_file(info.path)
-    for path in written:
-        run.fs.move(path, posixpath.join(out_dir, posixpath.basename(path)))
+def _place(run: RunDir, work_dir: str, out_dir: str, written: list[tuple[int, str]], per_source: dict, keys: list[str]) -> None:
+    """Move the named files into the output folder, dropping rows whose note id an earlier file already had."""
+    dedupe = DuplicateFilter()
+    for i, path in written:
+        target = posixpath.join(out_dir, posixpath.basename(path))
+        with run.fs.open_input_file(path) as f:
+            keep = dedupe.keep_mask(pq.read_table(f, columns=["note_id"]).column("note_id").to_pylist())
+        dropped = len(keep) - sum(keep)
+        if not dropped:
+            run.fs.move(path, target)
+            continue
+        # rare: rewrite this one file without the repeated ids (its text is read by the driver once)
+        with run.fs.open_input_file(path) as f:
+            table = pq.read_table(f).filter(pa.array(keep))
+        with run.fs.open_output_stream(target) as f:
+            pq.write_table(table, f, compression="zstd")
+        run.fs.delete_file(path)
+        per_source[keys[i]].update({"dropped:duplicate": dropped, "kept": -dropped})
     if not written:  # an empty table still has the schema, so later stages read 0 rows instead of failing
         with run.fs.open_output_stream(posixpath.join(out_dir, "empty.parquet")) as f:
             pq.write_table(NOTES_SCHEMA.empty_table(), f)
-    run.fs.delete_dir(run.path(STAGE, "_attempts"))
+    run.fs.delete_dir(posixpath.dirname(work_dir))
+
+
+def run_notes_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
+    """The notes stage alone, under the stage contract (for tests and scripts; the pipeline calls run_stage)."""
+    return run_stage(NOTES_STAGE, cfg, run, force=force)
 
 
 def read_notes(run: RunDir) -> pa.Table:
     """The notes table of a run, for small runs and tests (later stages read it with Ray Data)."""
-    return pq.read_table(run.path(STAGE), filesystem=run.fs, schema=NOTES_SCHEMA)
+    table = run.read_table(STAGE)
+    return table if table is not None else NOTES_SCHEMA.empty_table()
 
 
 def format_summary(entry: dict) -> str:
@@ -204,9 +225,20 @@ def format_summary(entry: dict) -> str:
         drops = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(counts.items()) if k.startswith("dropped:") and v)
         lines.append(f"  {name}: read {counts.get('read', 0)}, kept {counts.get('kept', 0)}" + (f"; dropped: {drops}" if drops else ""))
     if entry["deid"]["unknown"]:
-        lines.append(f"  de-id: {entry['deid']['unknown']} placeholders of unknown type -> fallback tag: {entry['deid']['unknown_types']}")
+        lines.append(f"  de-id: {entry['deid']['unknown']} placeholders of {entry['deid']['unknown_types']} unknown types -> fallback "
+                     f"tag (labels in notes/_deid_unknown_types.json)")  # fmt: skip
     if entry["utf8_repaired"]:
         lines.append(f"  {entry['utf8_repaired']} rows had undecodable bytes (replaced, flagged in utf8_repaired)")
     for r in entry["malformed_rows"]["first"][:5]:
         lines.append(f"  malformed row skipped: {r['file']} row {r['row']} ({r['actual_columns']} of {r['expected_columns']} columns)")
     return "\n".join(lines)
+
+
+NOTES_STAGE = Stage(
+    name=STAGE,
+    work=notes_work,
+    sections=("notes",),
+    outputs=(STAGE,),
+    external_inputs=source_fingerprints,
+    summary=format_summary,
+)

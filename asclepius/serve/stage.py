@@ -13,12 +13,10 @@ import os
 import time
 import urllib.request
 
-import pyarrow.parquet as pq
 from ray import serve
 
-from asclepius.config import Config
 from asclepius.recipe import load_recipe
-from asclepius.run import RunDir
+from asclepius.run import RunDir, Stage, StageRun
 from asclepius.serve.app import read_serve_key, start
 
 log = logging.getLogger("asclepius.serve")
@@ -26,24 +24,19 @@ STAGE = "serve"
 
 
 def _first_note(run: RunDir) -> tuple[str, str]:
-    try:
-        table = pq.read_table(run.path("notes"), filesystem=run.fs, columns=["note_id", "text"])
-    except (FileNotFoundError, OSError):
-        table = None
+    table = run.read_table("notes", ["note_id", "text"])
     if table is not None and table.num_rows:
         return table.column("note_id")[0].as_py(), table.column("text")[0].as_py()
     return "builtin-example", "Pt admitted w/ CHF exacerbation, diuresed w/ IV lasix, d/c home on lasix 40 mg daily."
 
 
-def run_serve_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
-    if cfg.serve is None:
-        log.info("serve: no serve section in the config, nothing to deploy")
-        return {"status": "complete", "skipped": True}
+def serve_work(ctx: StageRun) -> dict:
+    cfg, run = ctx.cfg, ctx.run
     started = time.time()
     serve_cfg = cfg.serve
     finetuned = run.path("checkpoints", "finetune", "final")
     names = [m.name for m in serve_cfg.models]
-    if "://" not in run.uri and os.path.exists(os.path.join(finetuned, "config.json")) and "asclepius-finetuned" not in names:
+    if run.is_local and os.path.exists(os.path.join(finetuned, "config.json")) and "asclepius-finetuned" not in names:
         # serve what this run trained next to the configured models, with the first model's settings
         extra = serve_cfg.models[0].model_copy(update={"name": "asclepius-finetuned", "source": finetuned})
         serve_cfg = serve_cfg.model_copy(update={"models": [*serve_cfg.models, extra]})
@@ -64,8 +57,7 @@ def run_serve_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
         checks[name] = {"note_id": note_id, "latency_s": round(time.time() - t, 2), **answer["usage"], "finish_reason": answer["finish_reason"]}
     if not cfg.serve.keep_running:
         serve.delete(cfg.serve.app_name)
-    entry = {
-        "status": "complete",
+    return {
         "base_url": base_url,
         "models": models,
         "deploy_seconds": round(deployed, 2),
@@ -73,8 +65,6 @@ def run_serve_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
         "kept_running": cfg.serve.keep_running,
         "seconds": round(time.time() - started, 2),
     }
-    run.record_stage(STAGE, entry)
-    return entry
 
 
 def format_summary(entry: dict) -> str:
@@ -88,3 +78,13 @@ def format_summary(entry: dict) -> str:
     if not entry["kept_running"]:
         lines.append("  (app removed; `asclepius serve --config ...` serves until stopped)")
     return "\n".join(lines)
+
+
+STAGE_DEF = Stage(
+    name=STAGE,
+    work=serve_work,
+    sections=("serve",),
+    upstream=("finetune",),
+    always_run=True,  # it deploys what the run trained and proves it answers, every time the pipeline reaches it
+    summary=format_summary,
+)

@@ -61,22 +61,24 @@ def is_self_hosted(cfg: TeacherConfig) -> bool:
     return cfg.provider == "openai_compatible" and not is_public_openai(cfg)
 
 
-def check_privacy(cfg: TeacherConfig, source_kinds: set[str]) -> None:
-    """PhysioNet's rules: credentialed notes (MIMIC) never go to the public OpenAI API, unless overridden."""
-    credentialed = sorted(source_kinds & set(cfg.credentialed_sources))
-    if not credentialed or not is_public_openai(cfg):
+def check_privacy(cfg: TeacherConfig, credentialed_rows: int, sources: set[str] = frozenset()) -> None:
+    """PhysioNet's rules: credentialed notes (MIMIC, or any source flagged credentialed, and everything made from
+    them) never go to the public OpenAI API, unless overridden. `credentialed_rows` counts the rows whose provenance
+    flag is set; `sources` are the rows' source names, refused too if listed in teacher.credentialed_sources."""
+    named = sorted(set(sources) & set(cfg.credentialed_sources))
+    if not (credentialed_rows or named) or not is_public_openai(cfg):
         return
+    what = f"{credentialed_rows} rows of credentialed provenance" + (f" (sources {named})" if named else "")
     if not cfg.i_have_permission_to_send_credentialed_notes_to_public_openai:
         raise PrivacyError(
-            f"refusing to send notes from credentialed sources {credentialed} to the public OpenAI API "
-            "(PhysioNet's data use agreement). Use Azure OpenAI with human review opted out, or a self-hosted "
-            "teacher (provider: openai_compatible). With written permission only, set "
-            "teacher.i_have_permission_to_send_credentialed_notes_to_public_openai=true."
+            f"refusing to send {what} to the public OpenAI API (PhysioNet's data use agreement). Use Azure OpenAI "
+            "with human review opted out, or a self-hosted teacher (provider: openai_compatible). With written "
+            "permission only, set teacher.i_have_permission_to_send_credentialed_notes_to_public_openai=true."
         )
     log.warning(
-        "!!! SENDING CREDENTIALED NOTES %s TO THE PUBLIC OPENAI API: "
+        "!!! SENDING %s TO THE PUBLIC OPENAI API: "
         "teacher.i_have_permission_to_send_credentialed_notes_to_public_openai is set !!!",
-        credentialed,
+        what.upper(),
     )
 
 

@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from asclepius.run import make_private_dir, open_private
+
 
 def request_key(endpoint: str, model: str, messages: list[dict], params: dict[str, Any], stage: str, sample_index: Any) -> str:
     """A stable id of one logical request: the same inputs give the same key in every process and every run."""
@@ -51,7 +53,7 @@ class Ledger:
                 f"{directory!r}; set teacher.ledger_dir to such a path"
             )
         self.directory = directory
-        os.makedirs(directory, exist_ok=True)
+        make_private_dir(directory)  # requests and answers hold note text: owner-only
         self.writer_id = writer_id or uuid.uuid4().hex[:16]
         self._path = os.path.join(directory, f"part-{self.writer_id}.jsonl")
         self._fh = None
@@ -59,7 +61,7 @@ class Ledger:
     def append(self, record: dict) -> None:
         """Durably record one outcome: written, flushed and fsynced before this returns."""
         if self._fh is None:
-            self._fh = open(self._path, "a", encoding="utf-8")
+            self._fh = open_private(self._path)
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
         self._fh.write(line + "\n")
         self._fh.flush()

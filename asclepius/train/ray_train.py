@@ -17,23 +17,15 @@ import os
 import time
 
 import pandas as pd
-import pyarrow.parquet as pq
 import ray
 
 from asclepius.config import Config, TrainHyperparams
 from asclepius.recipe import load_recipe
-from asclepius.run import RunDir
+from asclepius.run import RunDir, Stage, StageRun
 from asclepius.train.data import instruction_example, pack, pad_to_longest, padding_fraction, pretraining_blocks, shuffled, to_columns
 from asclepius.train.settings import accumulation_steps
 
 log = logging.getLogger("asclepius.train")
-
-
-def _table(run: RunDir, name: str) -> pd.DataFrame:
-    try:
-        return pq.read_table(run.path(name), filesystem=run.fs).to_pandas()
-    except (FileNotFoundError, OSError):
-        return pd.DataFrame()
 
 
 def torch_extensions_dir() -> str:
@@ -58,12 +50,12 @@ def rows_per_batch(hp: TrainHyperparams) -> int:
 
 def pretraining_notes(cfg: Config, run: RunDir) -> pd.DataFrame:
     """Discharge notes for continued pretraining: real and synthetic, never case reports or held-out notes."""
-    frames = [f for f in (_table(run, "notes"), _table(run, "synthetic_notes")) if len(f)]
-    notes = pd.concat([f[["note_id", "source", "text"]] for f in frames], ignore_index=True) if frames else pd.DataFrame(columns=["note_id", "source", "text"])
+    cols = ["note_id", "source", "text"]
+    frames = [f for f in (run.read_frame("notes", cols), run.read_frame("synthetic_notes", cols)) if len(f)]
+    notes = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
     notes = notes[~notes.source.isin(cfg.synthesize.case_report_sources)]
-    held_out = _table(run, "eval_notes")
-    if len(held_out):
-        notes = notes[~notes.note_id.isin(set(held_out.note_id))]
+    held_out = run.read_frame("eval_notes", ["note_id"])
+    notes = notes[~notes.note_id.isin(set(held_out.note_id))]
     return notes.sort_values("note_id").reset_index(drop=True)
 
 
@@ -94,7 +86,7 @@ def pretraining_dataset(cfg: Config, run: RunDir, source: str, tokenizer) -> tup
 
 def finetuning_dataset(cfg: Config, run: RunDir, tokenizer) -> tuple[ray.data.Dataset, dict]:
     hp = cfg.finetune
-    rows = _table(run, "instructions")
+    rows = run.read_frame("instructions")
     prompt = load_recipe().model_prompt
     examples, dropped = [], 0
     for r in rows.itertuples():
@@ -179,32 +171,36 @@ def _worker(config: dict) -> None:
             json.dump({"final_step": result.final_step, "resumed_from": result.resumed_from}, f)
 
 
-def fit(stage: str, cfg: Config, run: RunDir, source: str, dataset: ray.data.Dataset, rows: int, rows_per_batch: int) -> dict:
-    """Run one training stage on Ray Train; returns what the manifest records."""
+def fit(ctx: StageRun, source: str, dataset: ray.data.Dataset, rows: int, rows_per_batch: int) -> dict:
+    """Run one training stage on Ray Train; returns what the manifest records.
+
+    The Ray Train run is named after the stage's attempt: a stage that was cut off resumes its own checkpoints,
+    while a changed config (or --force) is a new attempt that starts from step 0 and never restores the old
+    config's final checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    stage, cfg, run = ctx.stage.name, ctx.cfg, ctx.run
     hp: TrainHyperparams = getattr(cfg, stage)
-    if "://" in run.uri:
-        raise ValueError("training writes the exported model with save_pretrained: use a local or shared POSIX run_dir")
     accum = accumulation_steps(hp, hp.num_workers, stage)  # fails before anything starts, naming the fields
     steps_per_epoch = rows // hp.num_workers // rows_per_batch // accum
     if steps_per_epoch < 1:
         raise ValueError(f"{stage}: {rows} blocks are not enough for one step of global batch {hp.global_batch}; lower {stage}.global_batch")
-    stage_dir = run.path("checkpoints", stage)
-    os.makedirs(stage_dir, exist_ok=True)
+    stage_dir = ctx.local_output(f"checkpoints/{stage}")
     config = {
         "hp": hp, "section": stage, "source": source, "steps_per_epoch": steps_per_epoch, "rows_per_batch": rows_per_batch,
         "export_dir": os.path.join(stage_dir, "final"), "metrics_file": os.path.join(stage_dir, "metrics.jsonl"),
         "summary_file": os.path.join(stage_dir, "summary.json"), "torch_extensions_dir": torch_extensions_dir(),
         "use_fast": cfg.model.use_fast_tokenizer if cfg.model else None,
     }  # fmt: skip
+    if not ctx.resumed and os.path.exists(config["metrics_file"]):
+        os.remove(config["metrics_file"])  # a new attempt's curve never mixes with an older one's
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=hp.num_workers, use_gpu=hp.use_gpu, resources_per_worker={"CPU": hp.cpus_per_worker}),
         run_config=RunConfig(
-            storage_path=run.path("ray_train"), name=stage,
+            storage_path=run.path("ray_train"), name=f"{stage}-{ctx.attempt}",
             checkpoint_config=CheckpointConfig(num_to_keep=hp.num_to_keep),
             failure_config=FailureConfig(max_failures=hp.max_failures),
         ),  # fmt: skip
@@ -217,11 +213,13 @@ def fit(stage: str, cfg: Config, run: RunDir, source: str, dataset: ray.data.Dat
         summary = json.load(f)
     history = _history(config["metrics_file"])
     plot_loss(history, os.path.join(stage_dir, "loss.png"), stage)
+    published = run.path("checkpoints", stage, "final")
     return {
         **summary, "steps_per_epoch": steps_per_epoch, "accumulation": accum, "workers": hp.num_workers, "zero_stage": hp.zero_stage,
         "first_loss": history[0]["loss"] if history else None, "final_loss": history[-1]["loss"] if history else None,
         "tokens_per_s": round(sum(h["tokens_per_s"] for h in history) / len(history), 1) if history else None,
-        "mfu": history[-1]["mfu"] if history else None, "export_dir": config["export_dir"], "seconds": round(time.time() - started, 1),
+        "mfu": history[-1]["mfu"] if history else None, "export_dir": published, "seconds": round(time.time() - started, 1),
+        "ray_train_run": f"{stage}-{ctx.attempt}",
     }  # fmt: skip
 
 
@@ -257,41 +255,25 @@ def _base_source(cfg: Config) -> str | None:
     return cfg.model.base if cfg.model else None
 
 
-def run_pretrain_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
+def pretrain(ctx: StageRun) -> dict:
     from asclepius.models import load_tokenizer
 
-    if cfg.model is None or cfg.pretrain.max_steps == 0:
-        return {"status": "complete", "skipped": True, "reason": "no model section"}
-    inputs = {s: (run.stage_entry(s) or {}).get("recorded_at") for s in ("notes", "synthesize", "questions")}
-    config_hash = cfg.stage_hash("pretrain") + cfg.stage_hash("model")
-    if (done := run.skip_if_complete("pretrain", config_hash, inputs, force)) is not None:
-        return done
+    cfg = ctx.cfg
     source = _base_source(cfg)
     tokenizer = load_tokenizer(source, use_fast=cfg.model.use_fast_tokenizer)
-    dataset, stats = pretraining_dataset(cfg, run, source, tokenizer)
-    entry = {"status": "complete", "config_hash": config_hash, "inputs": inputs, "data": stats,
-             **fit("pretrain", cfg, run, source, dataset, stats["blocks"], cfg.pretrain.micro_batch)}  # fmt: skip
-    run.record_stage("pretrain", entry)
-    return entry
+    dataset, stats = pretraining_dataset(cfg, ctx.run, source, tokenizer)
+    return {"data": stats, **fit(ctx, source, dataset, stats["blocks"], cfg.pretrain.micro_batch)}
 
 
-def run_finetune_stage(cfg: Config, run: RunDir, force: bool = False) -> dict:
+def finetune(ctx: StageRun) -> dict:
     from asclepius.models import load_tokenizer
 
-    if cfg.model is None:
-        return {"status": "complete", "skipped": True, "reason": "no model section"}
-    inputs = {s: (run.stage_entry(s) or {}).get("recorded_at") for s in ("pretrain", "answers")}
-    config_hash = cfg.stage_hash("finetune") + cfg.stage_hash("model")
-    if (done := run.skip_if_complete("finetune", config_hash, inputs, force)) is not None:
-        return done
-    pretrained = run.path("checkpoints", "pretrain", "final")
+    cfg = ctx.cfg
+    pretrained = ctx.run.path("checkpoints", "pretrain", "final")
     source = pretrained if os.path.exists(os.path.join(pretrained, "config.json")) else _base_source(cfg)
     tokenizer = load_tokenizer(source, use_fast=cfg.model.use_fast_tokenizer)
-    dataset, stats = finetuning_dataset(cfg, run, tokenizer)
-    entry = {"status": "complete", "config_hash": config_hash, "inputs": inputs, "data": stats, "base": source,
-             **fit("finetune", cfg, run, source, dataset, stats["blocks"], rows_per_batch(cfg.finetune))}  # fmt: skip
-    run.record_stage("finetune", entry)
-    return entry
+    dataset, stats = finetuning_dataset(cfg, ctx.run, tokenizer)
+    return {"data": stats, "base": source, **fit(ctx, source, dataset, stats["blocks"], rows_per_batch(cfg.finetune))}
 
 
 def format_summary(name: str):
@@ -306,3 +288,17 @@ def format_summary(name: str):
         )
 
     return fmt
+
+
+def _case_reports(cfg: Config):
+    return {"case_report_sources": cfg.synthesize.case_report_sources}
+
+
+PRETRAIN_STAGE = Stage(
+    name="pretrain", work=pretrain, sections=("pretrain", "model"), upstream=("notes", "synthesize", "split"),
+    requires=("split",), outputs=("checkpoints/pretrain",), identity=_case_reports, summary=format_summary("pretrain"),
+)  # fmt: skip
+FINETUNE_STAGE = Stage(
+    name="finetune", work=finetune, sections=("finetune", "model"), upstream=("pretrain", "answers"),
+    outputs=("checkpoints/finetune",), summary=format_summary("finetune"),
+)  # fmt: skip

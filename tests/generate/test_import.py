@@ -6,9 +6,11 @@ import pandas as pd
 import pytest
 
 from asclepius.config import config_from_dict
-from asclepius.generate.stages import ContaminationError, check_decontamination, run_import_stage
+from asclepius.generate.importing import STAGE as IMPORT
+from asclepius.generate.split import STAGE as SPLIT
+from asclepius.generate.split import ContaminationError, check_decontamination
 from asclepius.notes.readers import read_source_locally
-from asclepius.run import RunDir
+from asclepius.run import RunDir, run_stage
 
 
 def run_with_notes(tmp_path, **extra):
@@ -18,6 +20,7 @@ def run_with_notes(tmp_path, **extra):
     (tmp_path / "run" / "notes").mkdir(parents=True, exist_ok=True)
     kept.to_pandas().to_parquet(tmp_path / "run" / "notes" / "part.parquet")
     run.record_stage("notes", {"status": "complete"})
+    run_stage(SPLIT, cfg, run)  # the held-out notes must be known before any instruction data is published
     return cfg, run
 
 
@@ -32,7 +35,7 @@ def test_asclepius_r_joined_with_noteevents_by_row_id(tmp_path):
         }
     ).to_csv(tmp_path / "mimiciii_discharge.csv", index=False)
     cfg, run = run_with_notes(tmp_path, instructions_import={"kind": "asclepius_r", "path": str(tmp_path / "mimiciii_discharge.csv")})
-    entry = run_import_stage(cfg, run)
+    entry = run_stage(IMPORT, cfg, run)
     ins = pd.read_parquet(tmp_path / "run" / "instructions")
     assert list(ins.note_id) == ["mimic3-90001", "mimic3-90004", "mimic3-90004"]
     assert ins.note.iloc[0].startswith("Admission Date:   2150-3-9") and "[**" not in ins.note.iloc[0]  # de-id tags as the notes stage
@@ -52,7 +55,7 @@ def test_public_synthetic_set(tmp_path):
         }
     ).to_parquet(tmp_path / "synthetic.parquet")
     cfg, run = run_with_notes(tmp_path, instructions_import={"kind": "synthetic", "path": str(tmp_path / "synthetic.parquet")})
-    entry = run_import_stage(cfg, run)
+    entry = run_stage(IMPORT, cfg, run)
     ins = pd.read_parquet(tmp_path / "run" / "instructions")
     assert list(ins.note_id) == ["synthetic-1", "synthetic-2"] and entry["counts"]["dropped:empty_field"] == 1
     assert list(ins.columns[:6]) == ["note", "question", "answer", "task", "note_id", "source"]
@@ -62,13 +65,13 @@ def test_missing_columns_are_named(tmp_path):
     pd.DataFrame({"ROW_ID": [1], "Question": ["q"]}).to_csv(tmp_path / "bad.csv", index=False)
     cfg, run = run_with_notes(tmp_path, instructions_import={"kind": "asclepius_r", "path": str(tmp_path / "bad.csv")})
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['Answer', 'Task'\]"):
-        run_import_stage(cfg, run)
+        run_stage(IMPORT, cfg, run)
 
 
 def test_decontamination_catches_ids_and_texts(tmp_path):
     cfg, run = run_with_notes(tmp_path)
-    (tmp_path / "run" / "eval_notes").mkdir()
-    pd.DataFrame({"note_id": ["e1"], "source": ["mimic3"], "text": ["held out"], "text_sha1": ["abc"]}).to_parquet(tmp_path / "run" / "eval_notes" / "e.parquet")
+    (tmp_path / "run" / "eval_notes" / "eval_notes.parquet").unlink()
+    pd.DataFrame({"note_id": ["e1"], "source": ["mimic3"], "text": ["held out"], "text_sha1": ["abc"], "credentialed": [True]}).to_parquet(tmp_path / "run" / "eval_notes" / "e.parquet")
     clean = pd.DataFrame({"note_id": ["n1"], "note_sha1": ["def"]})
     assert check_decontamination(run, clean)["clean"]
     with pytest.raises(ContaminationError, match="1 held-out note ids"):

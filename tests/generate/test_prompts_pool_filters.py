@@ -62,7 +62,12 @@ def test_pool_examples_three_seeds_and_up_to_two_from_the_pool(tmp_path):
     # a restart replays the journal: same plans, same pool, same decisions
     again = QuestionPool(tasks, 0.7, 3, 2, seed=0, journal_dir=str(tmp_path))
     assert again.examples("n2", "Paraphrasing") == plan2 and again.tasks["Paraphrasing"].pool == pool.tasks["Paraphrasing"].pool
-    assert again.offer("n1", "Paraphrasing", "anything else")["question"].startswith("How would you explain")
+    first = pool.decisions["n1"]
+    assert again.offer("n1", "Paraphrasing", first["question"]) == first  # the same offer again: the recorded decision
+    # another question or task for the note (a changed config) is decided afresh, never answered from the journal
+    assert again.offer("n1", "Paraphrasing", "anything else")["question"] == "anything else"
+    assert again.examples("n2", "Summarization")["task"] == "Summarization"
+    assert set(again.examples("n2", "Summarization")["examples"][:3]) <= set(tasks["Summarization"])
 
 
 def test_similarity_filter():
@@ -128,7 +133,10 @@ def test_fit_note_truncates_to_the_budget():
 
 
 def test_another_teacher_model_reruns_the_generating_stages():
-    from asclepius.generate.stages import _stage_hash
+    from asclepius.generate.answers import STAGE as ANSWERS
+
+    def _stage_hash(cfg, _):
+        return ANSWERS.config_hash(cfg)
 
     base = {"run_dir": "/tmp/x", "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]},
             "teacher": {"provider": "openai_compatible", "base_url": "http://h/v1", "model": "a"}}  # fmt: skip

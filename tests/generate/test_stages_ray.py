@@ -52,7 +52,7 @@ def config(tmp_path, server, **extra):
 def test_three_stages_end_to_end(ray_local, tmp_path):
     with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.01, completion_tokens=30) as server:
         cfg = config_from_dict(config(tmp_path, server))
-        results = run_pipeline(cfg, stages=["notes", "synthesize", "questions", "answers"])
+        results = run_pipeline(cfg, stages=["notes", "synthesize", "split", "questions", "answers"])
         run = tmp_path / "run"
 
         synth = pd.read_parquet(run / "synthetic_notes")
@@ -87,7 +87,7 @@ def test_three_stages_end_to_end(ray_local, tmp_path):
 
         # a finished pipeline is skipped, and pays nothing
         sent = len(server.stats()["requests"])
-        again = run_pipeline(cfg, stages=["notes", "synthesize", "questions", "answers"])
+        again = run_pipeline(cfg, stages=["notes", "synthesize", "split", "questions", "answers"])
         assert all(e.get("skipped") for e in again.values()) and len(server.stats()["requests"]) == sent
 
 
@@ -126,3 +126,96 @@ def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path):
         assert len(synth) == 12 and synth.note_id.is_unique
         entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["synthesize"]
         assert entry["teacher"]["from_ledger"] == len(done_before)
+
+
+def test_changes_rerun_exactly_the_stages_they_affect(ray_local, tmp_path):
+    import stat
+
+    from asclepius.pipeline import pipeline_stages
+    from asclepius.run import RunDir, StageInputError, stage_status
+    from asclepius.train.ray_train import PRETRAIN_STAGE
+
+    generating = ["notes", "synthesize", "split", "questions", "answers"]
+    with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.01, completion_tokens=30) as server:
+        data = config(tmp_path, server, model={"base": "tiny"})
+        cfg = config_from_dict(data)
+        run_pipeline(cfg, stages=generating)
+        run = RunDir.open(cfg.run_dir)
+        # stand-in for a finished pretraining (GPU-hours): recorded complete against today's inputs
+        run.record_stage("pretrain", {"status": "complete", "config_hash": PRETRAIN_STAGE.config_hash(cfg),
+                                      "inputs": PRETRAIN_STAGE.inputs(cfg, run), "outputs": {}})  # fmt: skip
+        assert stage_status(PRETRAIN_STAGE, cfg, run).up_to_date
+
+        def reran(cfg):
+            results = run_pipeline(cfg, stages=generating)
+            return {name for name, e in results.items() if not e.get("skipped")}
+
+        # a question temperature: questions and answers again; the split and pretraining stay as they are
+        warmer = config_from_dict(data, ["questions.temperature=0.5"])
+        assert reran(warmer) == {"questions", "answers"}
+        assert stage_status(PRETRAIN_STAGE, warmer, run).up_to_date
+        # a similarity threshold: the questions stage's pool journal is a new one (keyed by the stage hash)
+        journals = lambda: {p.name for p in (tmp_path / "run" / "ledger" / "questions_pool").iterdir()}  # noqa: E731
+        before = journals()
+        stricter = config_from_dict(data, ["questions.temperature=0.5", "questions.similarity_threshold=0.5"])
+        assert reran(stricter) == {"questions", "answers"} and len(journals() - before) == 1
+        # the seed: the stages that draw from it; the split follows the new synthetic notes (it holds some of them out)
+        reseeded = config_from_dict(data, ["questions.temperature=0.5", "questions.similarity_threshold=0.5", "seed=1"])
+        stale = {st.name for st in (stage_status(s, reseeded, run) for s in pipeline_stages(reseeded)) if st.state == "stale"}
+        assert stale == {"synthesize", "questions", "answers"}  # by their config; the rest follow the new outputs
+        assert reran(reseeded) == {"synthesize", "split", "questions", "answers"}
+        assert stage_status(PRETRAIN_STAGE, reseeded, run).reasons == ["upstream synthesize changed", "upstream split changed"]
+
+        # files holding note text are owner-only
+        for part in (tmp_path / "run" / "ledger" / "answers").glob("part-*.jsonl"):
+            assert stat.S_IMODE(part.stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "run" / "ledger").stat().st_mode) == 0o700
+        for journal in (tmp_path / "run" / "ledger" / "questions_pool").rglob("journal.jsonl"):
+            assert stat.S_IMODE(journal.stat().st_mode) == 0o600
+
+        # a corrupt table stops the next stage, naming the file, instead of reading as "0 notes"
+        notes_file = sorted((tmp_path / "run" / "notes").glob("*.parquet"))[0]
+        notes_file.write_bytes(notes_file.read_bytes()[:100])
+        with pytest.raises(StageInputError, match=notes_file.name):
+            run_pipeline(config_from_dict(data, ["split.eval_fraction=0.3"]), stages=["split"])
+
+
+def test_credentialed_provenance_is_refused_for_public_openai(ray_local, tmp_path):
+    from asclepius.teacher.client import PrivacyError
+
+    with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.01, completion_tokens=30) as server:
+        # the hospital's own notes, named freely and flagged credentialed; case reports that are credentialed too
+        data = config(tmp_path, server)
+        data["notes"]["sources"] = [
+            {"kind": "generic", "name": "icu_notes", "path": str(generic_notes(tmp_path / "icu.csv")), "text_column": "body",
+             "id_column": "id", "credentialed": True},
+            {"kind": "pmc", "path": "sample:pmc", "credentialed": True},
+        ]  # fmt: skip
+        public = {**data["teacher"], "provider": "openai", "api_key_env": "TEST_OPENAI_KEY"}
+        os.environ["TEST_OPENAI_KEY"] = "sk-test"
+        with pytest.raises(PrivacyError, match="credentialed provenance"):
+            run_pipeline(config_from_dict({**data, "teacher": public}), stages=["notes", "synthesize"])
+        # made by a self-hosted teacher, the synthetic notes keep their case reports' provenance ...
+        run_pipeline(config_from_dict(data), stages=["notes", "synthesize", "split"])
+        synth = pd.read_parquet(tmp_path / "run" / "synthetic_notes")
+        assert len(synth) == 3 and synth.credentialed.all()
+        # ... so neither they nor the icu notes may go to the public API in the next stage
+        sent = len(server.stats()["requests"])
+        with pytest.raises(PrivacyError, match="credentialed provenance"):
+            run_pipeline(config_from_dict({**data, "teacher": public}), stages=["questions"])
+        assert len(server.stats()["requests"]) == sent
+
+
+def test_duplicate_generic_notes_are_sent_and_kept_once(ray_local, tmp_path):
+    from asclepius.notes.stage import run_notes_stage
+    from asclepius.run import RunDir
+
+    for name in ("a.csv", "b.csv"):  # the same export twice, no id column: the text's hash is the id
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["body"], ["Pt w/ CHF, diuresed."], ["Pt w/ CHF, diuresed."], ["DKA resolved on insulin."]])
+    cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "notes": {"sources": [
+        {"kind": "generic", "name": "clinic", "path": str(tmp_path / "*.csv"), "text_column": "body"}]}})  # fmt: skip
+    entry = run_notes_stage(cfg, RunDir.open(cfg.run_dir))
+    notes = pd.read_parquet(tmp_path / "run" / "notes")
+    assert len(notes) == 2 and notes.note_id.is_unique
+    assert entry["totals"]["read"] == 6 and entry["totals"]["dropped"]["duplicate"] == 4 and entry["totals"]["kept"] == 2

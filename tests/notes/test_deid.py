@@ -61,9 +61,13 @@ def test_note_without_placeholders_is_unchanged():
     assert res.text == text and res.placeholders == 0
 
 
-def test_multiline_placeholder_and_custom_map():
-    res = replace_mimic3_placeholders("a [**First\nName 3**] b", {"Name": "<N>"}, FALLBACK)
+def test_placeholders_match_within_one_line_as_the_recipe_did():
+    res = replace_mimic3_placeholders("a [**First Name 3**] b", {"Name": "<N>"}, FALLBACK)
     assert res.text == "a  <N>  b"
+    # a stray `[**` must not swallow the clinical text up to the next `**]` on a later line
+    text = "BP 120/80 [** stray\nPt given aspirin 325 mg, heparin gtt\nseen by [**Doctor Last Name 12**] today"
+    res = replace_mimic3_placeholders(text, TAGS, FALLBACK)
+    assert "Pt given aspirin 325 mg, heparin gtt" in res.text and res.placeholders == 1 and res.unknown_spans == []
 
 
 def test_mimic4_underscores_become_one_tag():

@@ -191,10 +191,11 @@ def test_generic_csv_jsonl_parquet_and_directory(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "src" / "c.parquet")
     src = {"kind": "generic", "name": "wardnotes", "path": str(tmp_path / "src"), "text_column": "body", "id_column": "doc", "keep_columns": ["ward"]}
     kept, counts, _, _ = run(src)
-    assert kept.column("note_id").to_pylist() == ["wardnotes-d1", "wardnotes-d3", "wardnotes-d1", "wardnotes-d3"]
-    assert kept.column("source").to_pylist() == ["wardnotes"] * 4
-    assert [json.loads(e) for e in kept.column("extra").to_pylist()] == [{"ward": "A"}, {"ward": None}, {"ward": "A"}, {"ward": None}]
-    assert counts["read"] == 6 and counts["dropped:empty_text"] == 2
+    # c.parquet repeats d1 and d3: each note id is kept once, the repeats are counted
+    assert kept.column("note_id").to_pylist() == ["wardnotes-d1", "wardnotes-d3"]
+    assert kept.column("source").to_pylist() == ["wardnotes"] * 2 and kept.column("credentialed").to_pylist() == [False] * 2
+    assert [json.loads(e) for e in kept.column("extra").to_pylist()] == [{"ward": "A"}, {"ward": None}]
+    assert counts["read"] == 6 and counts["dropped:empty_text"] == 2 and counts["dropped:duplicate"] == 2 and counts["kept"] == 2
     # without an id column, the note's hash is its id: stable across runs
     kept2, _, _, _ = run({"kind": "generic", "path": str(tmp_path / "src" / "a.csv"), "text_column": "body"})
     assert kept2.column("note_id").to_pylist()[0] == "generic-" + kept2.column("text_sha1")[0].as_py()[:16]

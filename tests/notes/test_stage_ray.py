@@ -66,7 +66,11 @@ def test_notes_stage_end_to_end(ray_local, tmp_path, caplog):
     assert entry["malformed_rows"]["count"] == 1 and entry["malformed_rows"]["first"][0]["file"].endswith("adv.csv")
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["notes"]["totals"] == entry["totals"] and manifest["stages"]["notes"]["status"] == "complete"
-    assert not (tmp_path / "run" / "notes" / "_attempts").exists()
+    assert not (tmp_path / "run" / "notes" / "_tasks").exists()
+    # placeholder labels come from the notes: in the private run directory, never in the manifest or a log
+    assert manifest["stages"]["notes"]["deid"]["unknown_types"] == 1
+    assert json.loads((tmp_path / "run" / "notes" / "_deid_unknown_types.json").read_text())
+    assert "Ward Secretary" not in json.dumps(manifest) and "Ward Secretary" not in caplog.text
 
     # no note text in any log line
     assert "SECRET-NOTE-TEXT" not in caplog.text and "fields missing" not in caplog.text

@@ -164,8 +164,8 @@ def test_smollm2_answers_a_clinical_question(urls):
 
 def test_serve_stage_deploys_checks_and_records(urls, tmp_path):
     from asclepius.config import config_from_dict
-    from asclepius.run import RunDir
-    from asclepius.serve.stage import run_serve_stage
+    from asclepius.run import RunDir, run_stage
+    from asclepius.serve.stage import STAGE_DEF
 
     port = int(urls["open"].split(":")[2].split("/")[0])
     cfg = config_from_dict({
@@ -173,7 +173,7 @@ def test_serve_stage_deploys_checks_and_records(urls, tmp_path):
         "serve": {"port": port, "app_name": "stage", "route_prefix": "/stage", "models": [model("tiny-stage")]},
     })  # fmt: skip
     run = RunDir.open(cfg.run_dir)
-    entry = run_serve_stage(cfg, run)
+    entry = run_stage(STAGE_DEF, cfg, run)
     check = entry["answer_checks"]["tiny-stage"]
     assert entry["models"] == ["tiny-stage"] and check["note_id"] == "builtin-example" and check["completion_tokens"] == 48
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["serve"]["answer_checks"] == entry["answer_checks"]

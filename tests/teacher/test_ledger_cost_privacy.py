@@ -86,16 +86,20 @@ def test_token_counting():
 def test_privacy_guard(caplog):
     public = TeacherConfig(provider="openai")
     with pytest.raises(PrivacyError, match="PhysioNet"):
-        check_privacy(public, {"mimic3", "pmc"})
-    check_privacy(public, {"pmc", "generic"})  # public case reports are fine
-    check_privacy(TeacherConfig(provider="azure", azure_endpoint="https://x.openai.azure.com", azure_deployment="d"), {"mimic3"})
-    check_privacy(TeacherConfig(provider="openai_compatible", base_url="http://127.0.0.1:8000/v1"), {"mimic4"})
+        check_privacy(public, 1, {"mimic3", "pmc"})
+    check_privacy(public, 0, {"pmc", "generic"})  # public case reports are fine
+    with pytest.raises(PrivacyError, match="2 rows of credentialed provenance"):  # the flag decides, whatever the name
+        check_privacy(public, 2, {"icu_notes"})
+    with pytest.raises(PrivacyError, match="icu_notes"):  # a source name listed as credentialed is refused too
+        check_privacy(TeacherConfig(provider="openai", credentialed_sources=["icu_notes"]), 0, {"icu_notes"})
+    check_privacy(TeacherConfig(provider="azure", azure_endpoint="https://x.openai.azure.com", azure_deployment="d"), 5, {"mimic3"})
+    check_privacy(TeacherConfig(provider="openai_compatible", base_url="http://127.0.0.1:8000/v1"), 5, {"mimic4"})
     with pytest.raises(PrivacyError):  # the public API reached as "compatible" is still the public API
-        check_privacy(TeacherConfig(provider="openai_compatible", base_url="https://api.openai.com/v1"), {"mimic4"})
+        check_privacy(TeacherConfig(provider="openai_compatible", base_url="https://api.openai.com/v1"), 5, {"mimic4"})
     override = TeacherConfig(provider="openai", i_have_permission_to_send_credentialed_notes_to_public_openai=True)
     with caplog.at_level(logging.WARNING):
-        check_privacy(override, {"mimic3"})
-    assert "SENDING CREDENTIALED NOTES" in caplog.text
+        check_privacy(override, 3, {"mimic3"})
+    assert "SENDING 3 ROWS OF CREDENTIALED PROVENANCE" in caplog.text
 
 
 def test_keys_never_in_config_and_read_from_env_or_file(tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from asclepius.config import config_from_dict
-from asclepius.run import RunDir
-from asclepius.train.ray_train import run_finetune_stage, run_pretrain_stage
+from asclepius.run import RunDir, run_stage
+from asclepius.train.ray_train import FINETUNE_STAGE, PRETRAIN_STAGE
 
 pytestmark = pytest.mark.ray
 
@@ -40,6 +40,7 @@ def make_run(tmp_path, **train):
     notes = pd.DataFrame({"note_id": [f"m{i}" for i in range(40)], "source": "mimic3", "text": [QA[i % 4][0] * 6 for i in range(40)]})
     (tmp_path / "run" / "notes").mkdir()
     notes.to_parquet(tmp_path / "run" / "notes" / "n.parquet")
+    run.record_stage("split", {"status": "complete"})  # nothing held out in these tests
     return data, cfg, run
 
 
@@ -53,7 +54,7 @@ def loads_and_generates(path):
 
 def test_finetune_zero2_two_workers_loss_goes_down_and_exports(ray_local, tmp_path):
     _, cfg, run = make_run(tmp_path, zero_stage=2, max_steps=12)
-    entry = run_finetune_stage(cfg, run)
+    entry = run_stage(FINETUNE_STAGE, cfg, run)
     assert entry["final_step"] == 12 and entry["workers"] == 2 and entry["accumulation"] == 1
     assert entry["final_loss"] < 0.7 * entry["first_loss"]
     assert entry["data"]["padding_fraction"] < 0.5 and entry["mfu"] == "n/a"
@@ -65,9 +66,24 @@ def test_finetune_zero2_two_workers_loss_goes_down_and_exports(ray_local, tmp_pa
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_a_changed_config_or_force_trains_the_full_schedule_again(ray_local, tmp_path):
+    data, cfg, run = make_run(tmp_path, zero_stage=2, max_steps=3)
+    first = run_stage(FINETUNE_STAGE, cfg, run)
+    assert first["final_step"] == 3
+    # a new lr must not restore the old final checkpoint (step 3 of 3) and train nothing
+    changed = config_from_dict(data, ["finetune.lr=1e-3"])
+    second = run_stage(FINETUNE_STAGE, changed, run)
+    assert (second["final_step"], second["resumed_from"]) == (3, 0) and second["ray_train_run"] != first["ray_train_run"]
+    history = [json.loads(line) for line in open(tmp_path / "run" / "checkpoints" / "finetune" / "metrics.jsonl")]
+    assert [h["step"] for h in history] == [1, 2, 3] and all(h["lr"] == 1e-3 for h in history)  # no mix of the two runs
+    assert run_stage(FINETUNE_STAGE, changed, run)["skipped"]
+    forced = run_stage(FINETUNE_STAGE, changed, run, force=True)
+    assert (forced["final_step"], forced["resumed_from"]) == (3, 0)
+
+
 def test_pretrain_zero3_two_workers(ray_local, tmp_path):
     _, cfg, run = make_run(tmp_path, zero_stage=3, max_steps=6, max_len=64)
-    entry = run_pretrain_stage(cfg, run)
+    entry = run_stage(PRETRAIN_STAGE, cfg, run)
     assert entry["final_step"] == 6 and entry["zero_stage"] == 3 and entry["data"]["blocks"] >= 12
     assert entry["final_loss"] < entry["first_loss"]
     loads_and_generates(tmp_path / "run" / "checkpoints" / "pretrain" / "final")  # ZeRO-3 shards gathered for export
@@ -79,7 +95,7 @@ def test_kill_after_a_checkpoint_then_resume_to_the_same_final_step(tmp_path):
     cmd = [sys.executable, "-m", "asclepius.cli", "run", "--config", str(tmp_path / "cfg.yaml"), "--stage", "finetune"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    storage = tmp_path / "run" / "ray_train" / "finetune"
+    storage = tmp_path / "run" / "ray_train"  # one Ray Train run per attempt: finetune-<attempt>
     deadline = time.time() + 400
     # Ray Train commits a checkpoint by writing its checkpoint-manager snapshot: kill right after the first one
     while not (storage.exists() and list(storage.rglob("checkpoint_manager_snapshot.json"))):

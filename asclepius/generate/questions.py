@@ -1,0 +1,198 @@
+"""Stage 3, questions: one question per note for one of the recipe's 8 tasks, bootstrapped from seed questions and a
+growing pool of generated ones (asclepius.generate.pool), with self-instruct's ROUGE-L similarity filter.
+
+A note's task is drawn from (seed, note id); its prompt's examples are chosen when the request is sent, from the
+pool as it is then. The pool lives in one Ray actor and journals every decision under the stage's config hash, so
+a cut-off run resumes with the same prompts (answered from the teacher ledger, unpaid) while a changed config (a
+new seed, threshold or task list) starts a fresh pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+
+import pandas as pd
+import ray
+
+from asclepius.config import Config
+from asclepius.generate.common import (
+    ask,
+    count_drop,
+    fit,
+    format_summary,
+    guard_privacy,
+    ledger_dir,
+    reply_drop_reason,
+    request_seed,
+    teacher_identity,
+    teacher_totals,
+)
+from asclepius.generate.pool import QuestionPool
+from asclepius.generate.postprocess import clean_question
+from asclepius.generate.prompts import question_prompt, task_for, user_messages
+from asclepius.generate.split import held_out_notes
+from asclepius.run import RunDir, Stage, StageRun
+from asclepius.teacher.client import token_counter
+
+COLUMNS = ["note_id", "source", "note_sha1", "credentialed", "task", "note", "note_truncated", "question",
+           "question_outcome", "examples", "pool_examples_used", "pool_size_at_prompt", "accepted_in_pool", "max_rouge_l"]  # fmt: skip
+
+
+@ray.remote(num_cpus=0, max_concurrency=1)
+class QuestionPoolActor:
+    def __init__(self, **kwargs):
+        self.pool = QuestionPool(**kwargs)
+
+    def examples(self, note_id, task):
+        return self.pool.examples(note_id, task)
+
+    def offer(self, note_id, task, question):
+        return self.pool.offer(note_id, task, question)
+
+    def stats(self):
+        return self.pool.stats()
+
+
+class QuestionHooks:
+    """Builds a note's question prompt when it is sent (with the pool as it is then), and offers the answer back."""
+
+    def __init__(self, pool_name: str, template: str):
+        self.pool = ray.get_actor(pool_name, namespace="asclepius")
+        self.template = template
+
+    async def before(self, row: dict) -> dict:
+        plan = await self.pool.examples.remote(row["note_id"], row["task"])
+        content = question_prompt(self.template, row["task"], row["note"], plan["examples"])
+        return {"messages": user_messages(content), "examples": json.dumps(plan["examples"]),
+                "pool_examples_used": len(plan["pool_indices"]), "pool_size_at_prompt": plan["pool_size"]}  # fmt: skip
+
+    async def after(self, row: dict, outcome) -> dict:
+        question, q_outcome = clean_question(outcome.text if outcome.status == "ok" else None)
+        fields = {"question": question, "question_outcome": q_outcome if outcome.status == "ok" else "teacher_error",
+                  "accepted_in_pool": None, "max_rouge_l": None}  # fmt: skip
+        if question and (outcome.finish_reason != "length" or question.endswith("?")):
+            decision = await self.pool.offer.remote(row["note_id"], row["task"], question)
+            fields.update(accepted_in_pool=decision["accepted"], max_rouge_l=decision["rouge_l"])
+        return fields
+
+
+def _rejected(accepted) -> bool:
+    """The pool turned the question down (False), as opposed to accepted (True) or never offered (None/NaN)."""
+    return accepted is not None and not pd.isna(accepted) and not bool(accepted)
+
+
+def question_notes(cfg: Config, run: RunDir) -> pd.DataFrame:
+    """The notes to ask about: real notes of the chosen sources (all but case reports by default) and synthetic ones."""
+    cols = ["note_id", "source", "text", "text_sha1", "credentialed"]
+    notes = run.read_frame("notes")
+    if len(notes):
+        wanted = cfg.questions.note_sources
+        notes = notes[notes.source.isin(wanted)] if wanted else notes[~notes.source.isin(cfg.synthesize.case_report_sources)]
+    synthetic = run.read_frame("synthetic_notes")
+    if cfg.questions.note_sources and len(synthetic):
+        synthetic = synthetic[synthetic.source.isin(cfg.questions.note_sources)]
+    frames = [f[cols] for f in (notes, synthetic) if len(f)]
+    return pd.concat(frames, ignore_index=True).sort_values("note_id") if frames else pd.DataFrame(columns=cols)
+
+
+def question_requests(cfg: Config, notes: pd.DataFrame, counter, counts: Counter, stage: str = "questions") -> list[dict]:
+    """One request row per note: the task drawn for it, the note fitted to the context. The prompt is an estimate
+    (seed examples only); the real one is built when the request is sent, with pool examples."""
+    qc = cfg.questions
+    tasks = [t.task for t in qc.tasks]
+    budget = qc.context_tokens - qc.max_tokens - 160  # an allowance for the pool's examples
+    rows = []
+    for r in notes.itertuples():
+        task = tasks[task_for(r.note_id, cfg.seed, len(tasks))]
+        seeds = next(t.seed_questions for t in qc.tasks if t.task == task)[: qc.seed_examples]
+        render = functools.partial(lambda n, t, s: question_prompt(qc.prompt, t, n, s), t=task, s=seeds)
+        fitted, truncated = fit(counter, render, r.text, budget, qc.on_too_long)
+        if fitted is None:
+            counts["dropped:too_long"] += 1
+            continue
+        counts["note_truncated"] += truncated
+        rows.append({
+            "note_id": r.note_id, "source": r.source, "note_sha1": r.text_sha1, "credentialed": bool(r.credentialed),
+            "task": task, "note": fitted, "note_truncated": truncated, "messages": user_messages(render(fitted)),
+            "max_tokens": qc.max_tokens, "temperature": qc.temperature, "sample_index": r.note_id,
+            "seed": request_seed(cfg, stage, r.note_id),
+        })  # fmt: skip
+    return rows
+
+
+def ask_questions(cfg: Config, teacher, rows: list[dict], directory: str, journal_key: str, stage: str = "questions"):
+    """Send the question requests through the bootstrapping pool; returns (replies, pool statistics)."""
+    qc = cfg.questions
+    journal = os.path.join(directory + "_pool", journal_key)
+    pool_name = f"asclepius-question-pool-{hashlib.sha256(journal.encode()).hexdigest()[:12]}"
+    pool = QuestionPoolActor.options(name=pool_name, namespace="asclepius", get_if_exists=True).remote(
+        tasks={t.task: t.seed_questions for t in qc.tasks}, threshold=qc.similarity_threshold,
+        seed_examples=qc.seed_examples, pool_examples=qc.pool_examples, seed=cfg.seed, journal_dir=journal,
+    )  # fmt: skip
+    try:
+        hooks = functools.partial(QuestionHooks, pool_name=pool_name, template=qc.prompt)
+        out = ask(teacher, stage, pd.DataFrame(rows), directory, hooks=hooks)
+        return out, ray.get(pool.stats.remote())
+    finally:
+        ray.kill(pool)
+
+
+def questions(ctx: StageRun) -> dict:
+    cfg, qc = ctx.cfg, ctx.cfg.questions
+    started = time.time()
+    notes = question_notes(cfg, ctx.run)
+    counts: Counter = Counter(read=len(notes))
+    held = notes.note_id.isin(set(held_out_notes(ctx.run).note_id))
+    counts["held_out_for_eval"] = int(held.sum())
+    notes = notes[~held]
+    if qc.limit is not None:
+        counts["not_selected_over_limit"] = max(0, len(notes) - qc.limit)
+        notes = notes.head(qc.limit)
+    teacher = ctx.teacher() if len(notes) else None
+    rows = []
+    if teacher is not None:
+        guard_privacy(teacher, notes)
+        rows = question_requests(cfg, notes, token_counter(teacher), counts)
+    out, pool_stats = pd.DataFrame(), {}
+    if rows:
+        out, pool_stats = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash)
+    kept = []
+    for r in out.itertuples() if len(out) else []:
+        question = r.question if isinstance(r.question, str) else None  # null when the reply held none
+        # a question cut off before its "?" is incomplete; one cut off after it is kept
+        complete = question is not None and (r.finish_reason != "length" or question.endswith("?"))
+        if count_drop(counts, reply_drop_reason(r, True, question) or (None if complete else "cut_off")):
+            continue
+        if _rejected(r.accepted_in_pool) and qc.drop_similar:
+            counts["dropped:too_similar"] += 1
+            continue
+        counts["multiple_questions_kept_first"] += r.question_outcome == "multiple"
+        counts["cut_off_after_a_complete_question"] += r.finish_reason == "length"
+        counts["too_similar_kept"] += _rejected(r.accepted_in_pool)
+        kept.append(r._asdict())
+    table = pd.DataFrame(kept)[COLUMNS] if kept else pd.DataFrame(columns=COLUMNS)
+    counts["kept"] = len(table)
+    ctx.run.write_frame(ctx.output("questions"), table, "questions.parquet")
+    return {"counts": dict(counts), "tasks": {str(k): int(v) for k, v in table.task.value_counts().items()},
+            "similarity": pool_stats, "teacher": teacher_totals(out), "seconds": round(time.time() - started, 2)}  # fmt: skip
+
+
+def _identity(cfg):
+    return {"teacher": teacher_identity(cfg), "case_report_sources": cfg.synthesize.case_report_sources}
+
+
+STAGE = Stage(
+    name="questions",
+    work=questions,
+    sections=("questions", "seed"),
+    upstream=("notes", "synthesize", "split"),
+    requires=("split",),
+    outputs=("questions",),
+    identity=_identity,
+    summary=format_summary("questions"),
+)
