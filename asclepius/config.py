@@ -284,6 +284,76 @@ class ServeConfig(StrictModel):
     keep_running: bool = Field(False, description="Pipeline: leave the app running after its smoke check.")
 
 
+# --------------------------------------------------------------------------------------------------- evaluate
+class EvalDatasetConfig(StrictModel):
+    path: str = Field(description="CSV, JSONL, JSON (list of objects) or Parquet with note, question[, task][, reference] "
+                      "and optional <model>_answer columns; local path or pyarrow URI.")  # fmt: skip
+    credentialed: bool = Field(
+        True, description="The file's notes are under a data use agreement (refused for the public OpenAI API). Set "
+        "false only for public data (e.g. the synthetic notes of the public Asclepius set).",
+    )
+
+
+class CandidateConfig(StrictModel):
+    """One model whose answers are judged; exactly one of `served`, `teacher`, `endpoint`, `column`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="The model's name in the report.")
+    served: str | None = Field(None, description="A model of this run's Serve app (serve.models, or asclepius-finetuned).")
+    teacher: bool = Field(False, description="The pipeline's teacher (for the demo: the served SmolLM2).")
+    endpoint: TeacherConfig | None = Field(None, description="Any OpenAI / Azure / OpenAI-compatible model.")
+    column: str | None = Field(None, description="Answers given in the dataset, column <column>_answer.")
+    api: Literal["answer", "chat"] | None = Field(
+        None, description="answer: our /v1/answer (the recipe's model prompt, applied by the server; default for `served`); "
+        "chat: chat completions with the recipe's model prompt as the user message (default otherwise).",
+    )
+    generation: Literal["recipe", "greedy"] = Field(
+        "recipe", description="recipe: its evaluation settings (400 new tokens, temperature 1; its 5-beam search has no "
+        "OpenAI-API equivalent); greedy: temperature 0, reproducible.",
+    )
+    max_tokens: int | None = Field(None, ge=1, description="Default: the recipe's 400.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CandidateConfig":
+        given = [k for k in ("served", "teacher", "endpoint", "column") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"a candidate needs exactly one of served, teacher, endpoint, column (got {given or 'none'})")
+        if self.api is None:
+            object.__setattr__(self, "api", "answer" if self.served else "chat")
+        if self.api == "answer" and self.endpoint is not None and self.endpoint.provider != "openai_compatible":
+            raise ValueError("api: answer is our Serve app's /v1/answer; an OpenAI or Azure endpoint takes api: chat")
+        return self
+
+
+class JudgeConfig(StrictModel):
+    endpoint: TeacherConfig | None = Field(None, description="The judge; None: the pipeline's teacher.")
+    prompt: str = Field(default_factory=lambda: _RECIPE.raw["judge_prompt"])
+    max_tokens: int = Field(default_factory=lambda: int(_RECIPE.raw["judge_request"]["max_tokens"]), ge=1)
+    max_reasks: int = Field(2, ge=0, le=10, description="Re-asks of a reply that is not one score 1-4 per answer.")
+    guided_choice: bool = Field(
+        False, description="Ask a self-hosted judge (our Serve app, vLLM) to reply with one of the valid score lines "
+        "(vLLM's guided_choice; up to 4 answers): small judges then give readable scores, chosen by their own "
+        "likelihoods. OpenAI and Azure do not take it.",
+    )
+
+
+class EvaluateConfig(StrictModel):
+    dataset: EvalDatasetConfig | None = Field(None, description="None: the held-out notes, one question each.")
+    limit: int | None = Field(None, ge=1, description="At most this many items (first by id).")
+    candidates: list[CandidateConfig] = Field(min_length=1)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    reverse_order: bool = Field(True, description="Judge each item twice, answers in reverse order the second time.")
+    bootstrap_samples: int = Field(2000, ge=100, le=100000)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EvaluateConfig":
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidate names must be unique (got {names})")
+        if len(names) > 26:
+            raise ValueError("at most 26 candidates (the judge labels them Agent A to Z)")
+        return self
+
+
 # --------------------------------------------------------------------------------------------------- model/train
 class ModelConfig(StrictModel):
     base: str = Field(description="HF model id, a local HF directory, `gguf:<file>`, `smollm2` or `tiny`.")
@@ -344,6 +414,7 @@ class Config(StrictModel):
     answers: AnswersConfig = Field(default_factory=AnswersConfig)
     instructions_import: ImportConfig | None = None
     serve: ServeConfig | None = None
+    evaluate: EvaluateConfig | None = None
     model: ModelConfig | None = None
     pretrain: TrainHyperparams
     finetune: TrainHyperparams
@@ -359,6 +430,19 @@ class Config(StrictModel):
                 if isinstance(given, dict):
                     data[section] = {**_recipe_train_defaults(stage), **given}
         return data
+
+    @model_validator(mode="after")
+    def _evaluation_has_what_it_names(self) -> "Config":
+        if self.evaluate is None:
+            return self
+        served = [c.name for c in self.evaluate.candidates if c.served]
+        if served and self.serve is None:
+            raise ValueError(f"evaluate.candidates {served} are `served` models: they need a `serve` section")
+        uses_teacher = any(c.teacher for c in self.evaluate.candidates) or self.evaluate.judge.endpoint is None
+        if uses_teacher and self.teacher is None and not self.teacher_from_serve:
+            raise ValueError("evaluate uses the pipeline's teacher (a `teacher: true` candidate, or no judge.endpoint): "
+                             "set `teacher` or `teacher_from_serve`")  # fmt: skip
+        return self
 
     def stage_hash(self, section: str) -> str:
         """A stable hash of one section: a stage whose section changed is rerun, others are skipped."""

@@ -1,9 +1,10 @@
 """Runs the stages in order under the stage contract (asclepius.run): each is skipped when its recorded outputs
 match its config and inputs, resumed when it was cut off, and redone otherwise.
 
-The pipeline joins the stages (no stage imports another): it picks the stages the config asks for and hands the
-generating stages a way to get the teacher, which for the embedded default deploys our own Serve app first
-(`teacher_from_serve`).
+The pipeline joins the stages (no stage imports another): it picks the stages the config asks for, hands the
+stages that call an LLM a way to get the teacher — for the embedded default a model of our own Serve app
+(`teacher_from_serve`) — and shares one Serve app between the teacher, the serve stage and the evaluation, taking
+it down while training runs.
 """
 
 from __future__ import annotations
@@ -15,58 +16,50 @@ from asclepius.cluster import init_ray
 from asclepius.config import Config, TeacherConfig
 from asclepius.generate.answers import STAGE as ANSWERS
 from asclepius.generate.importing import STAGE as IMPORT
+from asclepius.evaluate.stage import STAGE as EVALUATE
+from asclepius.generate.questions import EVAL_STAGE as EVAL_QUESTIONS
 from asclepius.generate.questions import STAGE as QUESTIONS
 from asclepius.generate.split import STAGE as SPLIT
 from asclepius.generate.synthesize import STAGE as SYNTHESIZE
 from asclepius.notes.stage import NOTES_STAGE
 from asclepius.run import RunDir, Stage, StageStatus, run_stage, stage_status
 from asclepius.serve.stage import STAGE_DEF as SERVE
+from asclepius.serve.stage import ServedApp
 from asclepius.train.ray_train import FINETUNE_STAGE, PRETRAIN_STAGE
 
 log = logging.getLogger("asclepius")
 
-STAGE_ORDER = ["notes", "synthesize", "split", "questions", "answers", "pretrain", "finetune", "serve"]
-GENERATING = {"synthesize", "questions", "answers"}
+STAGE_ORDER = ["notes", "synthesize", "split", "questions", "answers", "eval_questions", "pretrain", "finetune", "serve", "evaluate"]
+TEACHER_STAGES = {"synthesize", "questions", "answers", "eval_questions", "evaluate"}
+TRAINING = {"pretrain", "finetune"}
 
 
 class TeacherSource:
-    """The teacher for the generating stages, made ready only when a stage has requests to send."""
+    """The teacher for the stages that call one, made ready only when a stage has requests to send. With
+    `teacher_from_serve` it is a model of this run's Serve app, (re)deployed when needed."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, served: ServedApp | None):
+        self.cfg, self.served = cfg, served
         self._teacher: TeacherConfig | None = None
 
     def __call__(self) -> TeacherConfig:
-        if self._teacher is None:
-            self._teacher = self._resolve()
-        return self._teacher
-
-    def release(self) -> None:
-        """Take down the teacher app we deployed, giving its CPUs/GPUs back before training."""
-        if self._teacher is not None and self.cfg.teacher_from_serve:
-            from ray import serve
-
-            serve.delete(self.cfg.serve.app_name)
-            log.info("teacher: app %s removed", self.cfg.serve.app_name)
-            self._teacher = None
-
-    def _resolve(self) -> TeacherConfig:
         cfg = self.cfg
-        if cfg.teacher_from_serve:
-            from asclepius.serve.app import start
-
-            names = [m.name for m in cfg.serve.models] if cfg.serve else []
-            if cfg.teacher_from_serve not in names:
-                raise ValueError(f"teacher_from_serve: {cfg.teacher_from_serve!r} is not one of serve.models {names}")
-            base_url = start(cfg.serve)
+        if not cfg.teacher_from_serve:
+            if cfg.teacher is None:
+                raise ValueError("this stage needs a `teacher` section (or `teacher_from_serve`)")
+            return cfg.teacher
+        names = [m.name for m in cfg.serve.models] if cfg.serve else []
+        if cfg.teacher_from_serve not in names:
+            raise ValueError(f"teacher_from_serve: {cfg.teacher_from_serve!r} is not one of serve.models {names}")
+        base_url = self.served.url()  # deploys the app if it is not up (it is taken down for training)
+        if self._teacher is None:
             log.info("teacher: %s served by our Ray Serve app at %s", cfg.teacher_from_serve, base_url)
             base = cfg.teacher or TeacherConfig(provider="openai_compatible", base_url=base_url)
-            return TeacherConfig.model_validate(
-                {**base.model_dump(), "provider": "openai_compatible", "base_url": base_url, "model": cfg.teacher_from_serve}
+            key = {"api_key_env": cfg.serve.api_key_env, "api_key_file": cfg.serve.api_key_file}  # the app's own key
+            self._teacher = TeacherConfig.model_validate(
+                {**base.model_dump(), **key, "provider": "openai_compatible", "base_url": base_url, "model": cfg.teacher_from_serve}
             )
-        if cfg.teacher is None:
-            raise ValueError("the generating stages need a `teacher` section (or `teacher_from_serve`)")
-        return cfg.teacher
+        return self._teacher
 
 
 def pipeline_stages(cfg: Config) -> list[Stage]:
@@ -76,10 +69,14 @@ def pipeline_stages(cfg: Config) -> list[Stage]:
         stages += [SPLIT, IMPORT]  # released instruction data takes the generating stages' place
     else:
         stages += [SYNTHESIZE, SPLIT, QUESTIONS, ANSWERS]
+    if cfg.evaluate is not None and cfg.evaluate.dataset is None:
+        stages.append(EVAL_QUESTIONS)  # while the teacher is up: the held-out notes' questions
     if cfg.model is not None:
         stages += [PRETRAIN_STAGE, FINETUNE_STAGE]
     if cfg.serve is not None:
-        stages.append(SERVE)  # last: it serves what the stages before it produced
+        stages.append(SERVE)  # it serves what the stages before it produced
+    if cfg.evaluate is not None:
+        stages.append(EVALUATE)
     return stages
 
 
@@ -96,21 +93,29 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     started = time.time()
     init_ray(cfg.ray)
     run = RunDir.open(cfg.run_dir)
-    teacher = TeacherSource(cfg)
+    served = ServedApp(cfg, run) if cfg.serve is not None else None
+    teacher = TeacherSource(cfg, served)
     selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
+    extra = {"served": served, "served_url": lambda: served.url(with_run_models=True) if served else _no_serve(),
+             "keep_app": any(s.name == "evaluate" for s in selected)}  # fmt: skip
     results = {}
     try:
         for stage in selected:
+            if stage.name in TRAINING and served is not None:
+                served.release()  # training gets every CPU/GPU; the app comes back when a stage needs it
             t = time.time()
-            entry = run_stage(stage, cfg, run, force=force, teacher=teacher if stage.name in GENERATING else None)
+            entry = run_stage(stage, cfg, run, force=force, teacher=teacher if stage.name in TEACHER_STAGES else None, extra=extra)
             if entry.get("skipped"):
                 log.info("%s: up to date, skipped", stage.name)
             elif stage.summary:
                 log.info("%s", stage.summary(entry))
             results[stage.name] = {**entry, "wall_seconds": round(time.time() - t, 2)}
-            if stage.name == "answers":
-                teacher.release()  # the generating stages are done: give the teacher's resources to training
     finally:
-        teacher.release()
+        if served is not None and not cfg.serve.keep_running:
+            served.release()
     log.info("pipeline: %d stage(s) done in %.1f s; run directory %s", len(results), time.time() - started, cfg.run_dir)
     return results
+
+
+def _no_serve():
+    raise ValueError("evaluate: a `served` candidate needs a `serve` section (serve.models)")

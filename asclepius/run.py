@@ -191,6 +191,12 @@ def file_fingerprint(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     return {"path": path, "size": info.size, "mtime_ns": mtime}
 
 
+def stable_fraction(seed: int, key: str) -> float:
+    """A number in [0, 1) from (seed, key): the same on every machine and every run."""
+    value = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(value[:8], "big") / 2**64
+
+
 def digest(value: Any) -> str:
     payload = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

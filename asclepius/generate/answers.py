@@ -15,24 +15,13 @@ from collections import Counter
 import pandas as pd
 
 from asclepius.config import Config
-from asclepius.generate.common import (
-    INSTRUCTION_COLUMNS,
-    ask,
-    count_drop,
-    fit,
-    format_summary,
-    guard_privacy,
-    ledger_dir,
-    reply_drop_reason,
-    request_seed,
-    teacher_identity,
-    teacher_totals,
-)
+from asclepius.decontamination import check_decontamination
+from asclepius.generate.common import INSTRUCTION_COLUMNS, count_drop, fit, format_summary, reply_drop_reason, request_seed
 from asclepius.generate.postprocess import compile_filter, instruction_drop_reason
-from asclepius.generate.prompts import answer_prompt, user_messages
-from asclepius.generate.split import check_decontamination
+from asclepius.generate.prompts import answer_prompt
 from asclepius.run import Stage, StageRun
 from asclepius.teacher.client import token_counter
+from asclepius.teacher.ray_data import ask_rows, guard_privacy, ledger_dir, teacher_identity, teacher_totals, user_messages
 
 TABLE_COLUMNS = INSTRUCTION_COLUMNS + ["note_sha1", "credentialed"]
 
@@ -60,7 +49,7 @@ def answers(ctx: StageRun) -> dict:
                 "max_tokens": ac.max_tokens, "temperature": ac.temperature, "sample_index": r.note_id,
                 "seed": request_seed(cfg, "answers", r.note_id),
             })  # fmt: skip
-    out = ask(teacher, "answers", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "answers")) if rows else pd.DataFrame()
+    out = ask_rows(teacher, "answers", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "answers")) if rows else pd.DataFrame()
     regex = compile_filter(ac.filter_regex)
     kept = []
     for r in out.itertuples() if len(out) else []:

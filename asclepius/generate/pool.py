@@ -23,8 +23,7 @@ from collections import Counter, defaultdict
 
 from rouge_score import rouge_scorer, tokenizers
 
-from asclepius.generate.prompts import stable_fraction
-from asclepius.run import make_private_dir, open_private
+from asclepius.run import make_private_dir, open_private, stable_fraction
 
 
 class TaskPool:

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
+from asclepius.run import stable_fraction
 from asclepius.teacher.cost import TokenCounter
-
-
-def user_messages(content: str) -> str:
-    """The recipe sent every prompt as one user message; the teacher adapter takes messages as JSON."""
-    return json.dumps([{"role": "user", "content": content}], ensure_ascii=False)
 
 
 def synthesis_prompt(template: str, case_report: str) -> str:
@@ -43,12 +36,6 @@ def fit_note(note: str, render, counter: TokenCounter, budget: int) -> tuple[str
             return note[:keep], True
         keep = max(0, keep - max(16, int(keep * over / max(1, counter.count_text(note[:keep]))) + 8))
     return note[:keep], True
-
-
-def stable_fraction(seed: int, key: str) -> float:
-    """A number in [0, 1) from (seed, key): the same on every machine and every run."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def is_eval_note(note_id: str, fraction: float, seed: int) -> bool:

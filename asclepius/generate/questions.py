@@ -20,24 +20,14 @@ import pandas as pd
 import ray
 
 from asclepius.config import Config
-from asclepius.generate.common import (
-    ask,
-    count_drop,
-    fit,
-    format_summary,
-    guard_privacy,
-    ledger_dir,
-    reply_drop_reason,
-    request_seed,
-    teacher_identity,
-    teacher_totals,
-)
+from asclepius.generate.common import count_drop, fit, format_summary, reply_drop_reason, request_seed
 from asclepius.generate.pool import QuestionPool
 from asclepius.generate.postprocess import clean_question
-from asclepius.generate.prompts import question_prompt, task_for, user_messages
+from asclepius.generate.prompts import question_prompt, task_for
 from asclepius.generate.split import held_out_notes
 from asclepius.run import RunDir, Stage, StageRun
 from asclepius.teacher.client import token_counter
+from asclepius.teacher.ray_data import ask_rows, guard_privacy, ledger_dir, teacher_identity, teacher_totals, user_messages
 
 COLUMNS = ["note_id", "source", "note_sha1", "credentialed", "task", "note", "note_truncated", "question",
            "question_outcome", "examples", "pool_examples_used", "pool_size_at_prompt", "accepted_in_pool", "max_rouge_l"]  # fmt: skip
@@ -136,10 +126,19 @@ def ask_questions(cfg: Config, teacher, rows: list[dict], directory: str, journa
     )  # fmt: skip
     try:
         hooks = functools.partial(QuestionHooks, pool_name=pool_name, template=qc.prompt)
-        out = ask(teacher, stage, pd.DataFrame(rows), directory, hooks=hooks)
+        out = ask_rows(teacher, stage, pd.DataFrame(rows), directory, hooks=hooks)
         return out, ray.get(pool.stats.remote())
     finally:
         ray.kill(pool)
+
+
+def _cleaned(out: pd.DataFrame, counts: Counter):
+    """The replies with a usable question: one cut off before its "?" is incomplete, one cut off after it is kept."""
+    for r in out.itertuples() if len(out) else []:
+        question = r.question if isinstance(r.question, str) else None  # null when the reply held none
+        complete = question is not None and (r.finish_reason != "length" or question.endswith("?"))
+        if not count_drop(counts, reply_drop_reason(r, True, question) or (None if complete else "cut_off")):
+            yield r
 
 
 def questions(ctx: StageRun) -> dict:
@@ -162,12 +161,7 @@ def questions(ctx: StageRun) -> dict:
     if rows:
         out, pool_stats = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash)
     kept = []
-    for r in out.itertuples() if len(out) else []:
-        question = r.question if isinstance(r.question, str) else None  # null when the reply held none
-        # a question cut off before its "?" is incomplete; one cut off after it is kept
-        complete = question is not None and (r.finish_reason != "length" or question.endswith("?"))
-        if count_drop(counts, reply_drop_reason(r, True, question) or (None if complete else "cut_off")):
-            continue
+    for r in _cleaned(out, counts):
         if _rejected(r.accepted_in_pool) and qc.drop_similar:
             counts["dropped:too_similar"] += 1
             continue
@@ -195,4 +189,50 @@ STAGE = Stage(
     outputs=("questions",),
     identity=_identity,
     summary=format_summary("questions"),
+)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation questions
+EVAL_COLUMNS = ["note_id", "source", "note_sha1", "credentialed", "task", "note", "question"]
+
+
+def eval_questions(ctx: StageRun) -> dict:
+    """One question per held-out note, with the questions stage's own prompt and task draw (its own pool), for the
+    evaluation set. Never filtered for similarity: every held-out note with a question is an evaluation item."""
+    cfg = ctx.cfg
+    started = time.time()
+    notes = held_out_notes(ctx.run).sort_values("note_id")
+    counts: Counter = Counter(read=len(notes))
+    if cfg.evaluate.limit is not None:
+        counts["not_selected_over_limit"] = max(0, len(notes) - cfg.evaluate.limit)
+        notes = notes.head(cfg.evaluate.limit)
+    teacher = ctx.teacher() if len(notes) else None
+    rows = []
+    if teacher is not None:
+        guard_privacy(teacher, notes)
+        rows = question_requests(cfg, notes, token_counter(teacher), counts, stage="eval_questions")
+    out = pd.DataFrame()
+    if rows:
+        out, _ = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "eval_questions"), ctx.config_hash, stage="eval_questions")
+    kept = [{c: getattr(r, c) for c in EVAL_COLUMNS} for r in _cleaned(out, counts)]
+    table = pd.DataFrame(kept, columns=EVAL_COLUMNS)
+    counts["kept"] = len(table)
+    ctx.run.write_frame(ctx.output("eval_questions"), table, "eval_questions.parquet")
+    return {"counts": dict(counts), "tasks": {str(k): int(v) for k, v in table.task.value_counts().items()},
+            "teacher": teacher_totals(out), "seconds": round(time.time() - started, 2)}  # fmt: skip
+
+
+def _eval_identity(cfg):
+    return {"teacher": teacher_identity(cfg), "limit": cfg.evaluate.limit if cfg.evaluate else None}
+
+
+EVAL_STAGE = Stage(
+    name="eval_questions",
+    work=eval_questions,
+    sections=("questions", "seed"),
+    upstream=("split",),
+    requires=("split",),
+    outputs=("eval_questions",),
+    identity=_eval_identity,
+    summary=format_summary("eval_questions"),
 )

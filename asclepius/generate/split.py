@@ -48,25 +48,6 @@ def held_out_notes(run: RunDir) -> pd.DataFrame:
     return run.read_frame("eval_notes", EVAL_COLUMNS)
 
 
-class ContaminationError(RuntimeError):
-    pass
-
-
-def check_decontamination(run: RunDir, used: pd.DataFrame, what: str = "instruction data") -> dict:
-    """No held-out evaluation note (by id or by the hash of its text) may be in `used` (columns note_id and
-    note_sha1 or text_sha1). Raises on any overlap."""
-    eval_notes = run.read_frame("eval_notes", ["note_id", "text_sha1"])
-    if eval_notes.empty or used.empty:
-        return {"eval_notes": int(len(eval_notes)), "overlap_ids": 0, "overlap_text": 0, "clean": True}
-    hashes_used = used["note_sha1"] if "note_sha1" in used else used.get("text_sha1", pd.Series(dtype=str))
-    ids = set(eval_notes.note_id) & set(used.note_id)
-    hashes = set(eval_notes.text_sha1) & set(hashes_used.dropna())
-    result = {"eval_notes": int(len(eval_notes)), "overlap_ids": len(ids), "overlap_text": len(hashes), "clean": not ids and not hashes}
-    if not result["clean"]:
-        raise ContaminationError(f"{what} contains {len(ids)} held-out note ids and {len(hashes)} held-out note texts")
-    return result
-
-
 def _identity(cfg):
     return {"case_report_sources": cfg.synthesize.case_report_sources}
 

@@ -12,22 +12,11 @@ from collections import Counter
 
 import pandas as pd
 
-from asclepius.generate.common import (
-    ask,
-    count_drop,
-    fit,
-    format_summary,
-    guard_privacy,
-    ledger_dir,
-    reply_drop_reason,
-    request_seed,
-    teacher_identity,
-    teacher_totals,
-    text_sha1,
-)
-from asclepius.generate.prompts import synthesis_prompt, user_messages
+from asclepius.generate.common import count_drop, fit, format_summary, reply_drop_reason, request_seed, text_sha1
+from asclepius.generate.prompts import synthesis_prompt
 from asclepius.run import Stage, StageRun
 from asclepius.teacher.client import token_counter
+from asclepius.teacher.ray_data import ask_rows, guard_privacy, ledger_dir, teacher_identity, teacher_totals, user_messages
 
 COLUMNS = ["note_id", "source", "case_report_id", "text", "text_sha1", "credentialed", "finish_reason",
            "input_truncated", "prompt_tokens", "completion_tokens"]  # fmt: skip
@@ -68,7 +57,7 @@ def synthesize(ctx: StageRun) -> dict:
                 "temperature": sc.temperature, "sample_index": r.note_id, "seed": request_seed(cfg, "synthesize", r.note_id),
             })  # fmt: skip
             counts["input_truncated"] += truncated
-    out = ask(teacher, "synthesize", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "synthesize")) if rows else pd.DataFrame()
+    out = ask_rows(teacher, "synthesize", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "synthesize")) if rows else pd.DataFrame()
     kept = []
     for r in out.itertuples() if len(out) else []:
         text = (r.response or "").strip() if r.status == "ok" else ""

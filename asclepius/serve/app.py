@@ -94,7 +94,10 @@ class ModelServer:
                     }
                 }
             ids = ids[:1] + ids[1 + over :]  # keep the first token (BOS / template start), drop the oldest text
-        return {"prompt_ids": ids, "truncated": over > 0}
+        prepared = {"prompt_ids": ids, "truncated": over > 0}
+        if payload.get("guided_choice"):
+            prepared["allowed"] = [list(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in payload["guided_choice"]]
+        return prepared
 
     async def generate(self, spec: dict):
         """Streaming: one chunk per generated token (used for `stream: true`)."""
@@ -113,7 +116,7 @@ class ModelServer:
         return GenRequest(
             prompt_ids=spec["prompt_ids"], max_new_tokens=spec["max_tokens"], temperature=spec["temperature"],
             top_p=spec["top_p"], stop=spec["stop"], seed=spec["seed"], request_id=spec["request_id"],
-            slot_tokens=self.slot_tokens,
+            slot_tokens=self.slot_tokens, allowed=spec.get("allowed"),
         )  # fmt: skip
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_batch_slots)
@@ -209,6 +212,7 @@ class Ingress:
             spec = {
                 "prompt_ids": prepared["prompt_ids"], "max_tokens": max_tokens, "temperature": body.temperature,
                 "top_p": body.top_p, "stop": getattr(body, "stops", []), "seed": seed, "request_id": f"{request_id}/{i}",
+                "allowed": prepared.get("allowed"),
             }  # fmt: skip
             streams.append(handle.options(stream=True).generate.remote(spec) if stream else handle.generate_full.remote(spec))
         return streams, prepared, None
@@ -243,8 +247,9 @@ class Ingress:
         messages = [m.model_dump() for m in body.messages]
         try:
             streams, prepared, err = await self._start(
-                handle, "chat", {"messages": messages}, body, body.n, request_id, self.default_max_tokens[name], stream=body.stream
-            )
+                handle, "chat", {"messages": messages, "guided_choice": body.guided_choice}, body, body.n, request_id,
+                self.default_max_tokens[name], stream=body.stream,
+            )  # fmt: skip
         except BackPressureError:
             return _error(503, "the model is overloaded; retry later", "overloaded", request_id)
         if err:

@@ -27,6 +27,7 @@ class GenRequest:
     seed: int | None = None
     request_id: str = ""
     slot_tokens: int = 0  # the least a request counts for in a padding-aware batch (see serve.app)
+    allowed: list[list[int]] | None = None  # guided choice: the reply must be one of these token sequences
 
     @property
     def total_len(self) -> int:
@@ -52,6 +53,16 @@ class _RowState:
             self.generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2**63)))
         self.tokenizer = tokenizer
         self.hold = max((len(s) for s in req.stop), default=1) - 1  # never emit the start of a stop string
+
+    def allowed_next(self, eos: int) -> list[int] | None:
+        """Guided choice: the tokens that continue one of the allowed replies (eos once one is complete)."""
+        if self.req.allowed is None:
+            return None
+        n = len(self.tokens)
+        nxt = {seq[n] for seq in self.req.allowed if len(seq) > n and seq[:n] == self.tokens}
+        if any(seq == self.tokens for seq in self.req.allowed) or not nxt:
+            nxt.add(eos)
+        return sorted(nxt)
 
     def step(self, token: int, eos_ids: set[int]) -> GenChunk:
         finish = None
@@ -123,7 +134,14 @@ class Engine:
         last_pos = positions[:, -1]
         sampling = [i for i, g in enumerate(greedy) if not g]
         nucleus = any(requests[i].top_p < 1.0 for i in sampling)
+        eos = min(self.eos_ids) if self.eos_ids else self.pad_id
         for _ in range(max(r.max_new_tokens for r in requests)):
+            for i, row in enumerate(rows):  # guided choice: only tokens that keep the reply one of the choices
+                allowed = None if row.done else row.allowed_next(eos)
+                if allowed is not None:
+                    keep = logits[i, allowed]
+                    logits[i] = float("-inf")
+                    logits[i, allowed] = keep
             next_tokens = logits.argmax(dim=-1).tolist()  # greedy rows (and finished ones, whose tokens are ignored)
             if sampling:  # softmax (and the nucleus sort) only for the rows that sample
                 scaled = logits[sampling] / temperature[sampling, None]

@@ -15,6 +15,7 @@ import urllib.request
 
 from ray import serve
 
+from asclepius.config import Config, ServeConfig
 from asclepius.recipe import load_recipe
 from asclepius.run import RunDir, Stage, StageRun
 from asclepius.serve.app import read_serve_key, start
@@ -30,17 +31,58 @@ def _first_note(run: RunDir) -> tuple[str, str]:
     return "builtin-example", "Pt admitted w/ CHF exacerbation, diuresed w/ IV lasix, d/c home on lasix 40 mg daily."
 
 
+FINETUNED = "asclepius-finetuned"
+
+
+def serve_config_for(cfg: Config, run: RunDir, with_run_models: bool) -> ServeConfig:
+    """`serve.models`, plus — with_run_models — the model this run fine-tuned, as `asclepius-finetuned` with the
+    first model's settings (unless the config serves that checkpoint already: never two copies of one model)."""
+    serve_cfg = cfg.serve
+    finetuned = run.path("checkpoints", "finetune", "final")
+    if not (with_run_models and run.is_local and os.path.exists(os.path.join(finetuned, "config.json"))):
+        return serve_cfg
+    served_paths = {os.path.realpath(m.source) for m in serve_cfg.models if os.path.isdir(m.source)}
+    if FINETUNED in {m.name for m in serve_cfg.models} or os.path.realpath(finetuned) in served_paths:
+        return serve_cfg
+    extra = serve_cfg.models[0].model_copy(update={"name": FINETUNED, "source": finetuned})
+    return serve_cfg.model_copy(update={"models": [*serve_cfg.models, extra]})
+
+
+class ServedApp:
+    """This run's Serve app, deployed once and shared: the teacher of the generating stages (`teacher_from_serve`),
+    the serve stage's smoke check, the evaluation's candidates and judge. `url(with_run_models=True)` makes sure the
+    fine-tuned model is in it; `release()` gives its CPUs/GPUs back (before training)."""
+
+    def __init__(self, cfg: Config, run: RunDir):
+        self.cfg, self.run = cfg, run
+        self._deployed: ServeConfig | None = None
+        self._url: str | None = None
+
+    def url(self, with_run_models: bool = False) -> str:
+        want = serve_config_for(self.cfg, self.run, with_run_models)
+        if self._deployed is None or (with_run_models and self._deployed != want):
+            started = time.time()
+            self._url = start(want)
+            self._deployed = want
+            log.info("serve: %s deployed at %s in %.1f s", [m.name for m in want.models], self._url, time.time() - started)
+        return self._url
+
+    @property
+    def models(self) -> list[str]:
+        return [m.name for m in self._deployed.models] if self._deployed else []
+
+    def release(self) -> None:
+        if self._deployed is not None:
+            serve.delete(self.cfg.serve.app_name)
+            log.info("serve: app %s removed", self.cfg.serve.app_name)
+            self._deployed = self._url = None
+
+
 def serve_work(ctx: StageRun) -> dict:
     cfg, run = ctx.cfg, ctx.run
     started = time.time()
-    serve_cfg = cfg.serve
-    finetuned = run.path("checkpoints", "finetune", "final")
-    names = [m.name for m in serve_cfg.models]
-    if run.is_local and os.path.exists(os.path.join(finetuned, "config.json")) and "asclepius-finetuned" not in names:
-        # serve what this run trained next to the configured models, with the first model's settings
-        extra = serve_cfg.models[0].model_copy(update={"name": "asclepius-finetuned", "source": finetuned})
-        serve_cfg = serve_cfg.model_copy(update={"models": [*serve_cfg.models, extra]})
-    base_url = start(serve_cfg)
+    app = ctx.extra.get("served") or ServedApp(cfg, run)
+    base_url = app.url(with_run_models=True)
     deployed = time.time() - started
     key = read_serve_key(cfg.serve)
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
@@ -55,8 +97,8 @@ def serve_work(ctx: StageRun) -> dict:
         with urllib.request.urlopen(urllib.request.Request(f"{base_url}/answer", data=body, headers=headers), timeout=600) as r:
             answer = json.loads(r.read())
         checks[name] = {"note_id": note_id, "latency_s": round(time.time() - t, 2), **answer["usage"], "finish_reason": answer["finish_reason"]}
-    if not cfg.serve.keep_running:
-        serve.delete(cfg.serve.app_name)
+    if not (cfg.serve.keep_running or ctx.extra.get("keep_app")):
+        app.release()  # the pipeline keeps it for a stage that follows (evaluation), or the user asked to keep it
     return {
         "base_url": base_url,
         "models": models,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import random
@@ -180,9 +181,21 @@ class ChatRequest:
     n: int = 1
     stage: str = ""
     sample_index: Any = None
+    answer: dict | None = None  # {"note", "question"}: our Serve app's /v1/answer instead of chat completions
+    extra_body: dict | None = None  # provider extensions, e.g. vLLM's guided_choice
 
     def params(self) -> dict:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "n": self.n}
+        params = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "n": self.n}
+        return {**params, "extra_body": self.extra_body} if self.extra_body else params
+
+    def key(self, endpoint: str, model: str) -> str:
+        content = self.messages if self.answer is None else [{"answer": self.answer}]
+        return request_key(endpoint, model, content, self.params(), self.stage, self.sample_index)
+
+    def prompt_tokens(self, counter: TokenCounter) -> int:
+        if self.answer is not None:  # the server wraps note and question in the recipe's model prompt (~90 tokens)
+            return counter.count_text(self.answer["note"]) + counter.count_text(self.answer["question"]) + 96
+        return counter.count_messages(self.messages)
 
 
 @dataclass
@@ -249,10 +262,44 @@ class TeacherClient:
         await self.client.close()
 
     def key(self, req: ChatRequest) -> str:
-        return request_key(self.endpoint, self.cfg.model, req.messages, req.params(), req.stage, req.sample_index)
+        return req.key(self.endpoint, self.cfg.model)
 
     def reservation(self, req: ChatRequest) -> int:
-        return self.counter.count_messages(req.messages) + req.max_tokens * req.n
+        return req.prompt_tokens(self.counter) + req.max_tokens * req.n
+
+    async def _send(self, req: ChatRequest, key: str):
+        """One HTTP request: (status, headers, texts, finish reasons, prompt tokens, completion tokens)."""
+        headers = {"x-asclepius-request-key": key}
+        if req.answer is not None:
+            body = {"model": self.cfg.model, "note": req.answer["note"], "question": req.answer["question"],
+                    "max_tokens": req.max_tokens, "temperature": req.temperature}  # fmt: skip
+            for name in ("top_p", "seed"):
+                if getattr(req, name) is not None:
+                    body[name] = getattr(req, name)
+            # the openai client's own request path (auth, timeouts, errors as APIStatusError), JSON read here; our
+            # app sends no rate-limit headers, so none are lost by reading the body as text
+            data = json.loads(await self.client.post("/answer", cast_to=str, body=body, options={"headers": headers}))
+            if not isinstance(data, dict) or not isinstance(data.get("answer"), str):
+                raise ValueError("not an /v1/answer response")
+            usage = data.get("usage") or {}
+            return (200, {}, [data["answer"]], [data.get("finish_reason") or ""], usage.get("prompt_tokens"),
+                    usage.get("completion_tokens"))  # fmt: skip
+        raw = await self.client.chat.completions.with_raw_response.create(
+            model=self.cfg.model,
+            messages=req.messages,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p if req.top_p is not None else openai.NOT_GIVEN,
+            seed=req.seed if req.seed is not None else openai.NOT_GIVEN,
+            n=req.n,
+            extra_headers=headers,
+            extra_body=req.extra_body or None,
+        )
+        completion = raw.parse()
+        choices = sorted(completion.choices, key=lambda c: c.index)
+        usage = completion.usage
+        return (raw.status_code, dict(raw.headers), [c.message.content or "" for c in choices], [c.finish_reason or "" for c in choices],
+                usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None)  # fmt: skip
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -273,24 +320,9 @@ class TeacherClient:
                 await asyncio.sleep(delay)
             status, headers, retry_after = None, {}, None
             try:
-                raw = await self.client.chat.completions.with_raw_response.create(
-                    model=self.cfg.model,
-                    messages=req.messages,
-                    max_tokens=req.max_tokens,
-                    temperature=req.temperature,
-                    top_p=req.top_p if req.top_p is not None else openai.NOT_GIVEN,
-                    seed=req.seed if req.seed is not None else openai.NOT_GIVEN,
-                    n=req.n,
-                    extra_headers={"x-asclepius-request-key": key},
-                )
-                status, headers = raw.status_code, dict(raw.headers)
-                completion = raw.parse()
-                choices = sorted(completion.choices, key=lambda c: c.index)
-                usage = completion.usage
-                outcome.texts = [c.message.content or "" for c in choices]
-                outcome.finish_reasons = [c.finish_reason or "" for c in choices]
-                outcome.prompt_tokens = usage.prompt_tokens if usage else None
-                outcome.completion_tokens = usage.completion_tokens if usage else None
+                status, headers, texts, reasons, prompt_tokens, completion_tokens = await self._send(req, key)
+                outcome.texts, outcome.finish_reasons = texts, reasons
+                outcome.prompt_tokens, outcome.completion_tokens = prompt_tokens, completion_tokens
                 outcome.cost_usd = cost_usd(outcome.prompt_tokens or 0, outcome.completion_tokens or 0, self.price)
                 outcome.status, outcome.http_status, outcome.error, outcome.retryable = "ok", status, None, False
                 await self.limiter.settle(ticket, outcome.prompt_tokens, outcome.completion_tokens, outcome.cost_usd)

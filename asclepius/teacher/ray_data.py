@@ -11,26 +11,30 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 
+import pandas as pd
 import pyarrow as pa
 import ray
 
-from asclepius.config import TeacherConfig
+from asclepius.config import Config, TeacherConfig
+from asclepius.run import RunDir, make_private_dir
 from asclepius.teacher.client import (
     ActorLimiter,
     ChatRequest,
     TeacherClient,
+    check_privacy,
     default_limiter_name,
     endpoint_id,
     is_self_hosted,
     token_counter,
 )
 from asclepius.teacher.cost import SpendEstimate, check_budget, estimate, price_for
-from asclepius.teacher.ledger import Ledger, request_key, scan_ledger
+from asclepius.teacher.ledger import Ledger, scan_ledger
 from asclepius.teacher.limiter import limiter_actor
 
 log = logging.getLogger("asclepius.teacher")
@@ -65,6 +69,8 @@ def _request(row: dict, stage: str, defaults: dict) -> ChatRequest:
         n=int(get("n") or 1),
         stage=stage,
         sample_index=row.get("sample_index"),
+        answer=json.loads(row["answer_request"]) if row.get("answer_request") else None,
+        extra_body=json.loads(row["extra_body"]) if row.get("extra_body") else None,
     )
 
 
@@ -125,9 +131,8 @@ def _count_batch(batch: pa.Table, cfg: TeacherConfig, stage: str, defaults: dict
     prompt, completion, cached = [], [], []
     for row in batch.to_pylist():
         req = _request(row, stage, defaults)
-        key = request_key(endpoint, cfg.model, req.messages, req.params(), stage, req.sample_index)
-        cached.append(key in finished)
-        prompt.append(counter.count_messages(req.messages))
+        cached.append(req.key(endpoint, cfg.model) in finished)
+        prompt.append(req.prompt_tokens(counter))
         completion.append(req.max_tokens * req.n)
     return pa.table({"prompt": prompt, "completion": completion, "cached": cached})
 
@@ -223,3 +228,66 @@ class Progress:
         self._stop.set()
         self._thread.join(timeout=5)
         log.info("%s", self.line())
+
+
+# ----------------------------------------------------------------------------------------------- for the stages
+def user_messages(content: str) -> str:
+    """The recipe sent every prompt as one user message; the adapter takes messages as JSON."""
+    return json.dumps([{"role": "user", "content": content}], ensure_ascii=False)
+
+
+def ledger_dir(cfg: Config, run: RunDir, stage: str) -> str:
+    """Where a stage's teacher requests are journaled: kept across attempts, so a rerun never pays twice."""
+    if cfg.teacher and cfg.teacher.ledger_dir:
+        path = os.path.join(cfg.teacher.ledger_dir, stage)
+    elif not run.is_local:
+        raise ValueError("the run directory is an object store URI: set teacher.ledger_dir to a shared POSIX path")
+    else:
+        path = os.path.join(run.root, "ledger", stage)
+    make_private_dir(os.path.dirname(path))
+    return make_private_dir(path)
+
+
+def teacher_identity(cfg: Config) -> str:
+    """Which model answers (not how fast or how it is reached): another teacher means another stage output."""
+    if cfg.teacher_from_serve:
+        served = next((m for m in (cfg.serve.models if cfg.serve else []) if m.name == cfg.teacher_from_serve), None)
+        return f"served:{cfg.teacher_from_serve}:{served.source if served else '?'}"
+    if cfg.teacher is None:
+        return "none"
+    return f"{endpoint_id(cfg.teacher)}|{cfg.teacher.model}"
+
+
+def guard_privacy(teacher: TeacherConfig, rows: pd.DataFrame) -> None:
+    """Every row carries its provenance (`credentialed`); the guard counts those rows, whatever their source's name."""
+    credentialed = int(rows["credentialed"].fillna(True).astype(bool).sum()) if "credentialed" in rows else len(rows)
+    check_privacy(teacher, credentialed, set(rows["source"]) if "source" in rows else set())
+
+
+def ask_rows(cfg: TeacherConfig, stage: str, df: pd.DataFrame, directory: str, hooks=None) -> pd.DataFrame:
+    """Send the rows' requests (columns messages, max_tokens, sample_index, ...) and return them with answers."""
+    if df.empty:
+        return df
+    ds = ray.data.from_pandas(df)
+    plan = plan_requests(ds, cfg, stage, directory)
+    with Progress(cfg, stage, plan):
+        return run_requests(ds, cfg, stage, plan, hooks=hooks).to_pandas()
+
+
+def teacher_totals(df: pd.DataFrame) -> dict:
+    """What the teacher did for a stage: requests, answers from the ledger, tokens, dollars, failures."""
+    if df.empty:
+        return {"requests": 0}
+    errors = df[df.status != "ok"]
+    return {
+        "requests": int(len(df)),
+        "from_ledger": int(df.cached.sum()),
+        "ok": int((df.status == "ok").sum()),
+        "errors": {str(k): int(v) for k, v in errors.error.fillna("unknown").value_counts().items()},
+        "finish_reasons": {str(k): int(v) for k, v in df.finish_reason.dropna().value_counts().items()},
+        "prompt_tokens": int(df.prompt_tokens.fillna(0).sum()),
+        "completion_tokens": int(df.completion_tokens.fillna(0).sum()),
+        "cost_usd": round(float(df.cost_usd.fillna(0).sum()), 6),
+        "cost_usd_this_run": round(float(df.loc[~df.cached, "cost_usd"].fillna(0).sum()), 6),
+        "attempts": int(df.attempts.fillna(0).sum()),
+    }

@@ -9,7 +9,11 @@ teacher.
 
 Faults, by a marker in the last message:  [[fault:500]] [[fault:503]] [[fault:500-once]] (fails the first time
 its request key is seen) [[fault:slow:SECONDS]] [[fault:malformed]] [[fault:content_filter]] [[fault:length]]
-[[fault:context_length]] (400 context_length_exceeded). `--fail-rate` adds random 500s.
+[[fault:context_length]] (400 context_length_exceeded) [[fault:answer_500]] (500 for every request but the judge's).
+`--fail-rate` adds random 500s.
+
+Judge: a prompt with the recipe's judge output rule gets scores (see `judge_reply`). POST /v1/answer is our Serve
+app's clinical endpoint ({note, question}).
 
 Control: GET /_stats (admitted requests with time, tokens and request key; statuses), POST /_reset.
 Azure shape: POST /openai/deployments/{deployment}/chat/completions?api-version=... with an `api-key` header.
@@ -117,6 +121,8 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
         state["seen"][key] += 1
         if kind in ("500", "503"):
             return error(int(kind), "server_error", "injected fault", hdrs)
+        if kind == "answer_500" and not any(JUDGE_MARKER in str(m.get("content", "")) for m in messages):
+            return error(500, "server_error", "injected fault (answers only, not the judge)", hdrs)
         if kind == "500-once" and state["seen"][key] == 1:
             return error(500, "server_error", "injected fault", hdrs)
         if fail_rate and rng.random() < fail_rate:
@@ -126,10 +132,11 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
             state["statuses"][200] += 1
             return PlainTextResponse('{"id": "chatcmpl-x", "choices": [', headers=hdrs, media_type="application/json")
         choices, used = [], 0
+        judged = judge_reply(messages)
         for i in range(n):
             want = max_tokens if kind == "length" else min(max_tokens, completion_tokens)
             digest = hashlib.sha256(f"{last}|{i}".encode()).hexdigest()[:8]
-            text = (f"Answer {digest} " + "lorem ipsum " * want)[: max(1, want * 4)]
+            text = (f"Answer {digest} " + "lorem ipsum " * want)[: max(1, want * 4)] if judged is None else judged
             reason = "length" if kind == "length" else ("content_filter" if kind == "content_filter" else "stop")
             choices.append({"index": i, "message": {"role": "assistant", "content": None if reason == "content_filter" else text}, "finish_reason": reason})
             used += 0 if reason == "content_filter" else byte_estimate(text)
@@ -146,6 +153,25 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
     @app.post("/v1/chat/completions")
     async def openai_chat(request: Request):
         return await chat(request)
+
+    @app.post("/v1/answer")
+    async def answer(request: Request):
+        """Our Serve app's clinical endpoint ({note, question} → {answer, finish_reason, usage}), same limits."""
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return error(400, "invalid_json", "body is not JSON")
+        content = f"{body.get('note', '')}\n{body.get('question', '')}"
+        forwarded = {**body, "messages": [{"role": "user", "content": content}]}
+        response = await chat(_Replayed(request, forwarded))
+        if response.status_code != 200:
+            return response
+        data = json.loads(response.body)
+        choice = data["choices"][0]
+        return JSONResponse({"id": data["id"], "model": data["model"], "answer": (choice["message"]["content"] or "").strip(),
+                             "finish_reason": choice["finish_reason"], "truncated_prompt": False,
+                             "usage": {k: data["usage"][k] for k in ("prompt_tokens", "completion_tokens")}},
+                            headers={k: v for k, v in response.headers.items() if k.startswith("x-")})  # fmt: skip
 
     @app.post("/openai/deployments/{deployment}/chat/completions")
     async def azure_chat(deployment: str, request: Request):
@@ -172,6 +198,41 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
         return {"ok": True}
 
     return app
+
+
+class _Replayed:
+    """A request whose JSON body was rewritten (the /v1/answer route reuses the chat route's accounting)."""
+
+    def __init__(self, request: Request, body: dict):
+        self._request, self._body = request, body
+        self.headers, self.url, self.query_params = request.headers, request.url, request.query_params
+
+    async def json(self):
+        return self._body
+
+
+_AGENT_ANSWER = re.compile(r"\[Agent ([A-Z])'s Answer Begin\]\n(.*?)\n\[Agent \1's Answer End\]", re.S)
+JUDGE_MARKER = "First line must contain only"
+
+
+def judge_reply(messages: list[dict]) -> str | None:
+    """Acting as the recipe's judge (its prompt is recognised by its output rule), with behaviour a test can see:
+    an answer containing GOOD scores 4, OKAY 3, BAD 1, anything else 2. Faults, by a marker in the note:
+    [[fault:judge_garbage]] never gives scores; [[fault:judge_garbage_once]] gives none until re-asked (a reply
+    after an assistant turn); [[fault:judge_first]] adds a point to Agent A (position bias)."""
+    first = str(messages[0].get("content", "")) if messages else ""
+    if JUDGE_MARKER not in first:
+        return None
+    reasked = any(m.get("role") == "assistant" for m in messages)
+    if "[[fault:judge_garbage]]" in first or ("[[fault:judge_garbage_once]]" in first and not reasked):
+        return "I am unable to score these responses without more context."
+    scores = []
+    for label, answer in _AGENT_ANSWER.findall(first):
+        score = 4 if "GOOD" in answer else 3 if "OKAY" in answer else 1 if "BAD" in answer else 2
+        if label == "A" and "[[fault:judge_first]]" in first:
+            score = min(4, score + 1)
+        scores.append(str(score))
+    return " ".join(scores) + "\nThe scores follow the criteria."
 
 
 def max_window_usage(admitted: list[dict], window_s: float) -> tuple[int, int]:

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from asclepius.config import config_from_dict
+from asclepius.decontamination import ContaminationError, check_decontamination
 from asclepius.generate.importing import STAGE as IMPORT
 from asclepius.generate.split import STAGE as SPLIT
-from asclepius.generate.split import ContaminationError, check_decontamination
 from asclepius.notes.readers import read_source_locally
 from asclepius.run import RunDir, run_stage
 

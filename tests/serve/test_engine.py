@@ -55,3 +55,14 @@ def test_streamed_chunks_add_up_to_the_text(engine):
             if chunk is not None:
                 pieces[i] += chunk.text
     assert pieces == [full[0][0], full[1][0]]
+
+
+def test_guided_choice_replies_with_one_of_the_choices(engine):
+    eng, tok = engine
+    choices = ["1 1", "1 2", "2 1", "4 3"]
+    allowed = [list(tok(c, add_special_tokens=False)["input_ids"]) for c in choices]
+    reqs = [GenRequest(p, 12, temperature=t, seed=s, allowed=allowed) for p in prompts(tok, ["Score them.", "x"]) for t, s in ((0, None), (1.0, 7))]
+    for text, _, reason in eng.generate(reqs):
+        assert text in choices and reason == "stop"
+    free, _, _ = eng.generate([GenRequest(reqs[0].prompt_ids, 12, temperature=0)])[0]
+    assert free not in choices  # unguided, the (random) tiny model says something else

@@ -9,7 +9,6 @@ from asclepius.teacher.client import ChatRequest, LocalLimiter, TeacherClient
 from asclepius.teacher.ledger import Ledger
 from asclepius.teacher.limiter import RateLimiter
 from asclepius.testing.openai_server import max_window_usage
-
 from asclepius.testing.server_process import openai_test_server
 
 
