@@ -374,6 +374,12 @@ class TrainHyperparams(StrictModel):
     max_len: int = Field(ge=8)
     bf16: bool
     gradient_checkpointing: bool = True
+    global_batch_unit: Literal["examples", "blocks"] = Field(
+        "examples", description="What global_batch counts when instruction examples are packed: examples (the recipe's "
+        "128 examples per step; the accumulation follows the examples per block) or blocks. Pretraining counts blocks.",
+    )
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (the recipe's HF Trainer default).")
+    adam_eps: float = Field(1e-8, gt=0)
     gradient_clipping: float = Field(1.0, ge=0)
     zero_stage: Literal[2, 3] = 3
     offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer states in CPU memory.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -158,24 +159,36 @@ def resolve_model_source(source: str) -> str:
     return source
 
 
+TOKENIZER_MARKER = "asclepius_tokenizer.json"  # written next to an exported model: which tokenizer it was trained with
+
+
 def load_tokenizer(source: str, use_fast: bool | None = None):
+    """The tokenizer of a model source. For a model this project exported, `use_fast=None` means the kind it was
+    trained with (slow SentencePiece by the recipe's default), so serving tokenizes as training did."""
     from transformers import AutoTokenizer
 
+    path = resolve_model_source(source)
+    marker = Path(path) / TOKENIZER_MARKER
+    if use_fast is None and marker.is_file():
+        use_fast = json.loads(marker.read_text())["use_fast"]
     kwargs = {} if use_fast is None else {"use_fast": use_fast}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     return tokenizer
 
 
-def load_model(source: str, dtype: str = "auto", device: str = "cpu"):
+def load_model(source: str, dtype: str = "auto", device: str = "cpu", attn_implementation: str | None = None):
+    """Weights for inference (eval mode; training switches to train mode). `attn_implementation`: transformers'
+    name (sdpa, flash_attention_2, eager); None lets transformers choose."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if torch_dtype is None:
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_source(source), dtype=torch_dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_source(source), dtype=torch_dtype, **extra)
     return model.to(device).eval()
 
 

@@ -1,21 +1,25 @@
-"""Single-GPU training throughput and MFU for a LLaMA-shaped ~1B model (bf16, seq 2048, packed blocks). No Ray.
+"""Training throughput and MFU of the project's own loop on one GPU: DeepSpeed, the real data path, no Ray.
 
-    python benchmarks/train_mfu.py                         # on a GPU: ~1.1B LLaMA, 20 timed steps
-    python benchmarks/train_mfu.py --device cpu --size tiny --steps 3   # a smoke run on CPU
+    python benchmarks/train_mfu.py                          # on a GPU: ~1.1B LLaMA, bf16, seq 2048, 20 timed steps
+    python benchmarks/train_mfu.py --size smollm2 --steps 10
+    python benchmarks/train_mfu.py --device cpu --size tiny --steps 3 --no-record   # a smoke run on CPU
 
-It runs the same per-step work as the train loop (asclepius/train/loop.py): packed instruction blocks from
-asclepius.train.data, position ids restarting per example (flash-attention varlen when flash-attn is installed,
-else SDPA with the block-diagonal mask), bf16 weights, fused AdamW, gradient clipping — but without DeepSpeed,
-so it runs on a machine that has only PyTorch and transformers. MFU = tokens/s × (6·N + 12·L·H·T) / peak, with
-peak from asclepius.train.settings (dense bf16). Appends a row to BENCHMARKS.md.
+What runs is what a Ray Train worker runs (asclepius/train/ray_train.py `_worker`), minus Ray: instruction examples
+packed by `packed_table` into Arrow block files, read back through `BlockSource` in the epoch's seeded order,
+`collate`d, and trained by `asclepius.train.loop.train` — DeepSpeed ZeRO (world size 1, nccl on a GPU), bf16,
+the recipe's AdamW, gradient clipping, activation checkpointing if asked, flash-attention 2 varlen when flash-attn is
+installed (else SDPA with the block-diagonal mask). MFU is the loop's own: model FLOPs (6·N + 12·L·H·T, T the
+attended span of each example) per second over the device's dense bf16 peak, averaged over the timed steps.
+Appends a row to BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,29 +27,80 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
+
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from asclepius.config import TrainHyperparams  # noqa: E402
+from asclepius.train.data import BlockSource, Example, packed_table, write_blocks  # noqa: E402
+from asclepius.train.loop import TrainContext, train  # noqa: E402
+from asclepius.train.settings import torch_extensions_dir  # noqa: E402
 from record import record  # noqa: E402
-
-from asclepius.train.data import Example, model_inputs, pack, to_columns  # noqa: E402
-from asclepius.train.settings import flops_per_token, peak_flops  # noqa: E402
 
 SIZES = {
     # ~1.1B: the TinyLlama-1.1B shape (22 layers, hidden 2048, GQA 32/4 heads, MLP 5632)
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    # SmolLM2-135M's shape (the demo's model), randomly initialised: its weights are not on a bare GPU image
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
-}
+}  # fmt: skip
 
 
-def blocks(n: int, seq: int, vocab: int, seed: int = 0):
+def examples(n_tokens: int, max_len: int, vocab: int, distinct: int = 64, seed: int = 0) -> list[Example]:
+    """Instruction-shaped examples (prompt masked, answer learned) of 1/8 to all of max_len tokens, drawn from
+    `distinct` sequences so a few steps can show the loss falling."""
     rng = random.Random(seed)
-    examples = []
-    while sum(len(e) for e in examples) < n * seq * 1.05:
-        length = rng.randint(seq // 8, seq)
+    pool = []
+    for _ in range(distinct):
+        length = rng.randint(max_len // 8, max_len)
         ids = [rng.randrange(3, vocab) for _ in range(length)]
         cut = length // 2
-        examples.append(Example(ids, [-100] * cut + ids[cut:]))
-    return pack(examples, seq, 0)[:n]
+        pool.append(Example(ids, [-100] * cut + ids[cut:]))
+    out, total = [], 0
+    while total < n_tokens:
+        out.append(pool[rng.randrange(distinct)])
+        total += len(out[-1])
+    return out
+
+
+def run(size: str, device: str, seq: int, micro_batch: int, steps: int, warmup: int, checkpointing: bool, zero: int,
+        offload: bool = False, export_dir: str | None = None) -> dict:  # fmt: skip
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    cuda = device == "cuda"
+    try:
+        import flash_attn  # noqa: F401
+
+        attn, packed_attention, block_len, rows = "flash_attention_2", "position_ids", micro_batch * seq, 1
+    except ImportError:
+        attn, packed_attention, block_len, rows = "sdpa", "mask", seq, micro_batch
+    config = LlamaConfig(**SIZES[size], max_position_embeddings=seq, use_cache=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    total_steps = warmup + steps
+    with tempfile.TemporaryDirectory() as tmp:
+        table = packed_table(examples(int(total_steps * micro_batch * seq * 1.1), seq, config.vocab_size), block_len, 0)
+        source = BlockSource([write_blocks(table, tmp)])
+        per_epoch = len(source) // rows
+        hp = TrainHyperparams(epochs=1000, lr=2e-4, weight_decay=0.0, warmup_ratio=0.0, lr_scheduler="constant", global_batch=micro_batch,
+                              micro_batch=micro_batch, max_len=seq, bf16=True, gradient_checkpointing=checkpointing, zero_stage=zero,
+                              use_gpu=cuda, packing="packed", packed_attention=packed_attention, offload_optimizer=offload)  # fmt: skip
+
+        def batches(epoch, first):
+            return source.batches(epoch, first, seed=0, rank=0, world=1, per_epoch=per_epoch, rows=rows)
+
+        result = train(model, batches, per_epoch, hp, "finetune", TrainContext(), packed_attention=packed_attention, max_steps=total_steps,
+                       accumulation=1, export_dir=export_dir)  # fmt: skip
+    timed = result.history[warmup:] or result.history
+    mfu = [h["mfu"] for h in timed if isinstance(h["mfu"], float)]
+    return {
+        "size": size, "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "attn": attn, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "tokens_per_s": sum(h["tokens_per_s"] for h in timed) / len(timed), "mfu": sum(mfu) / len(mfu) if mfu else None,
+        "first_loss": result.history[0]["loss"], "last_loss": result.history[-1]["loss"],
+        "max_memory_gib": max((h.get("max_memory_gib", 0) for h in result.history), default=0), "steps": len(result.history),
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -55,58 +110,23 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (the 7B preset's setting)")
+    ap.add_argument("--zero", type=int, choices=[2, 3], default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        import flash_attn  # noqa: F401
-
-        attn, packed_attention = "flash_attention_2", "position_ids"  # varlen kernels read the boundaries
-    except ImportError:
-        attn, packed_attention = "sdpa", "mask"
-    config = LlamaConfig(**SIZES[args.size], max_position_embeddings=args.seq, attn_implementation=attn, use_cache=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0, fused=device.type == "cuda")
-    data = blocks(args.micro_batch * (args.steps + args.warmup), args.seq, config.vocab_size)
-    flops = flops_per_token(n_params, config.num_hidden_layers, config.hidden_size, args.seq)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = peak_flops(device_name)
-
-    tokens = 0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started, tokens = time.time(), 0
-        group = data[step * args.micro_batch : (step + 1) * args.micro_batch]
-        batch = {k: torch.tensor(v, device=device) for k, v in to_columns(group).items()}
-        loss = model(**model_inputs(batch, dtype, packed_attention)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += int((batch["segment_ids"] > 0).sum())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.time() - started
-    tps = tokens / elapsed
-    mfu = tps * flops / peak if peak else None
-    print(f"{args.size}: {n_params / 1e9:.2f}B params, seq {args.seq}, micro-batch {args.micro_batch}, {attn}, {device_name}")
-    print(f"{tps:,.0f} non-pad tokens/s, {flops / 1e9:.1f} GFLOP/token, MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'}")
-    if device.type == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    r = run(args.size, args.device, args.seq, args.micro_batch, args.steps, args.warmup, args.checkpointing, args.zero)
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    print(f"{r['size']}: {r['params_b']:.2f}B params, seq {args.seq}, micro-batch {args.micro_batch}, {r['attn']}, ZeRO-{args.zero}, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, {r['device']}")  # fmt: skip
+    print(f"{r['tokens_per_s']:,.0f} non-pad tokens/s, MFU {mfu}, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, "
+          f"peak memory {r['max_memory_gib']:.1f} GiB")  # fmt: skip
     if not args.no_record:
-        record(
-            "train_mfu", f"python benchmarks/train_mfu.py --size {args.size} --device {args.device}",
-            f"{n_params / 1e9:.2f}B LLaMA, seq {args.seq}, micro-batch {args.micro_batch}, {attn}, packed",
-            f"{tps:,.0f} tokens/s, MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'}", "goal >= 50 % MFU on H100", device_name,
-        )  # fmt: skip
+        record("train_mfu", f"python benchmarks/train_mfu.py --size {args.size}" + (" --checkpointing" if args.checkpointing else ""),
+               f"{r['params_b']:.2f}B LLaMA, seq {args.seq}, micro-batch {args.micro_batch}, {r['attn']}, packed, DeepSpeed ZeRO-{args.zero}, the project's loop",
+               f"{r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, loss {r['first_loss']:.2f} -> {r['last_loss']:.2f}, {r['max_memory_gib']:.1f} GiB",
+               "goal >= 50 % MFU on H100", r["device"])  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

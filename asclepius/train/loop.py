@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 import torch
 
 from asclepius.config import TrainHyperparams
-from asclepius.train.data import model_inputs
+from asclepius.models import TOKENIZER_MARKER
+from asclepius.train.data import attention_seq_len, model_inputs
 from asclepius.train.settings import deepspeed_config, flops_per_token, lr_at, peak_flops
 
 log = logging.getLogger("asclepius.train")
@@ -60,15 +61,40 @@ class LoopResult:
 def _init_distributed_if_needed() -> None:
     import torch.distributed as dist
 
-    if not dist.is_initialized():  # a local run: a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not dist.is_initialized():  # a local run: a world of one (nccl on a GPU, as under Ray Train)
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000)), ("RANK", "0"),
+                            ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # fmt: skip
+            os.environ.setdefault(name, value)  # DeepSpeed's engine asks for LOCAL_RANK
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1)
+
+
+def make_optimizer(model, hp: TrainHyperparams, device: str):
+    """AdamW with the recipe's settings (HF Trainer: betas 0.9/0.999, eps 1e-8). With ZeRO-Offload the optimizer
+    runs on the CPU, where DeepSpeed accepts only its own CPU Adam (a client torch AdamW is refused)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hp.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=hp.lr, betas=tuple(hp.adam_betas), eps=hp.adam_eps, weight_decay=hp.weight_decay, adamw_mode=True)
+    fused = {"fused": True} if device == "cuda" else {}
+    return torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.adam_betas), eps=hp.adam_eps, weight_decay=hp.weight_decay, **fused)
+
+
+def compute_params(model) -> int:
+    """Parameters that cost matmul FLOPs per token: all of them, less an untied input embedding (a table lookup)."""
+    def numel(p):
+        return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+    total = sum(numel(p) for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return total if tied else total - numel(embed)
 
 
 def train(
     model,
-    batches: Callable[[int], Iterator[dict]],
+    batches: Callable[[int, int], Iterator[dict]],
     steps_per_epoch: int,
     hp: TrainHyperparams,
     section: str,
@@ -78,24 +104,31 @@ def train(
     packed_attention: str = "mask",
     max_steps: int | None = None,
     checkpoint_every: int = 0,
+    accumulation: int | None = None,
 ) -> LoopResult:
+    """`batches(epoch, start)` yields the micro-batches of an epoch from the `start`-th one on, in the same order
+    every time it is asked (asclepius.train.data.epoch_rows), so a resumed run skips exactly what it trained."""
     import deepspeed
     import torch.distributed as dist
 
     _init_distributed_if_needed()
     device = "cuda" if torch.cuda.is_available() and hp.use_gpu else "cpu"
     bf16 = hp.bf16 and device == "cuda"  # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are slow or unsupported
-    ds_config = deepspeed_config(hp, ctx.world_size, section, bf16=bf16, offload_optimizer=hp.offload_optimizer)
+    ds_config = deepspeed_config(hp, ctx.world_size, section, bf16=bf16, offload_optimizer=hp.offload_optimizer, accumulation=accumulation)
     accum = ds_config["gradient_accumulation_steps"]
     total_steps = max(1, math.ceil(hp.epochs * steps_per_epoch))
     if max_steps:
         total_steps = min(total_steps, max_steps)
-    if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hp.gradient_checkpointing:  # transformers 5 names it activation checkpointing; the old name warns
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, hp, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, hp) / hp.lr)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine.train()  # dropout on, and transformers checkpoints activations only in training mode
 
     start_step = 0
     with ctx.latest_checkpoint() as ckpt:
@@ -106,40 +139,34 @@ def train(
             log.info("rank %d resumed from step %d", ctx.rank, start_step)
 
     cfg = model.config
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    device_name = torch.cuda.get_device_name() if device == "cuda" else None
-    peak = peak_flops(device_name)
+    n_params = compute_params(engine.module)
+    peak = peak_flops(torch.cuda.get_device_name() if device == "cuda" else None)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     step, micro, started = start_step, 0, time.time()
-    window_loss, window_tokens, window_start = 0.0, 0, time.time()
-    skip = start_step * accum  # micro-batches already trained on before the checkpoint
+    window_loss, window_tokens, window_flops, window_start = 0.0, 0, 0.0, time.time()
     epoch = start_step // max(1, steps_per_epoch)
+    first = (start_step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch trained before the checkpoint
     done = step >= total_steps
     while not done:
-        seen = 0
-        for batch in batches(epoch):
-            if seen >= steps_per_epoch * accum:
-                break  # every worker stops at the same count (DeepSpeed steps are collective)
-            seen += 1
-            if skip:
-                skip -= 1
-                continue
+        for batch in batches(epoch, first):
             batch = {k: v.to(device) for k, v in batch.items()}
-            seq_len = min(batch["input_ids"].shape[1], hp.max_len)  # attention spans one example, at most max_len
             loss = engine(**model_inputs(batch, dtype, packed_attention)).loss
             engine.backward(loss)
             engine.step()
             micro += 1
+            tokens = int((batch["segment_ids"] > 0).sum())
             window_loss += loss.item()
-            window_tokens += int((batch["segment_ids"] > 0).sum())
+            window_tokens += tokens
+            window_flops += tokens * flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, attention_seq_len(batch["segment_ids"]))
             if micro % accum:
                 continue
             step += 1
-            stats = torch.tensor([window_loss / accum, window_tokens], dtype=torch.float64)
+            # a collective's tensors live on the training device: nccl has no CPU tensors
+            stats = torch.tensor([window_loss / accum, window_tokens, window_flops], dtype=torch.float64, device=device)
             dist.all_reduce(stats)
-            elapsed = time.time() - window_start
-            tokens_per_s = stats[1].item() / max(elapsed, 1e-9)
+            elapsed = max(time.time() - window_start, 1e-9)
+            tokens_per_s = stats[1].item() / elapsed
             metrics = {
                 "step": step,
                 "epoch": epoch,
@@ -147,10 +174,12 @@ def train(
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "tokens_per_s": tokens_per_s,
-                "mfu": (tokens_per_s * flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, seq_len) / (peak * ctx.world_size)) if peak else "n/a",
+                "mfu": (stats[2].item() / elapsed / (peak * ctx.world_size)) if peak else "n/a",
                 "elapsed_s": time.time() - started,
             }
-            window_loss, window_tokens, window_start = 0.0, 0, time.time()
+            if device == "cuda":
+                metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            window_loss, window_tokens, window_flops, window_start = 0.0, 0, 0.0, time.time()
             done = step >= total_steps
             if (checkpoint_every and step % checkpoint_every == 0) or done:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -167,6 +196,7 @@ def train(
             if done:
                 break
         epoch += 1
+        first = 0
 
     if export_dir:
         export_hf(engine, hp.zero_stage, export_dir, tokenizer, ctx.rank)
@@ -185,3 +215,6 @@ def export_hf(engine, zero_stage: int, export_dir: str, tokenizer, rank: int) ->
         engine.module.save_pretrained(export_dir, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(export_dir)
+            # serving loads the tokenizer kind training used (slow SentencePiece by the recipe's default)
+            with open(os.path.join(export_dir, TOKENIZER_MARKER), "w", encoding="utf-8") as f:
+                json.dump({"use_fast": bool(getattr(tokenizer, "is_fast", False))}, f)

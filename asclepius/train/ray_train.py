@@ -1,16 +1,25 @@
-"""Ray Train wiring: datasets of blocks, TorchTrainer + DeepSpeed workers, checkpoints, resume, HF export.
+"""Ray Train wiring: the data in Ray Data, TorchTrainer + DeepSpeed workers, checkpoints, resume, HF export.
 
     stage "pretrain":  notes (+ synthetic notes, minus held-out eval notes) → <run>/checkpoints/pretrain/final
     stage "finetune":  instructions → <run>/checkpoints/finetune/final (from the pretrained model if there is one)
 
-Every rank saves its DeepSpeed shard and reports it; Ray Train merges them into one checkpoint in
-`<run>/ray_train/<stage>`, keeps `num_to_keep`, restarts failed workers from the latest (`max_failures`), and a
-rerun with the same run directory resumes from it.
+**Data.** Ray Data reads the run's tables, shuffles the examples (seeded), and in `map_batches` tasks tokenizes
+them, groups notes into blocks (pretraining, the recipe's group_texts per batch of 1,000 notes) or packs
+instruction examples (best-fit decreasing, O(n log n)), and writes each batch's blocks as an Arrow IPC file under
+`<run>/ray_train/<stage>-<attempt>/data/` — token lists never come to the driver. Every worker memory-maps the
+files (one copy per node in the page cache) and reads the blocks of an epoch in a permutation seeded by
+(seed, epoch), dealt round-robin to the workers: a new order every epoch, and the same one when a run resumes.
+
+**Training.** Every rank saves its DeepSpeed shard and reports it; Ray Train keeps `num_to_keep` checkpoints in
+`<run>/ray_train/<stage>-<attempt>`, restarts failed workers from the latest (`max_failures`), and a stage that
+was cut off resumes its attempt (asclepius.run). The export goes to the stage's staging output and is published
+when the stage completes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -22,19 +31,24 @@ import ray
 from asclepius.config import Config, TrainHyperparams
 from asclepius.recipe import load_recipe
 from asclepius.run import RunDir, Stage, StageRun
-from asclepius.train.data import instruction_example, pack, pad_to_longest, padding_fraction, pretraining_blocks, shuffled, to_columns
-from asclepius.train.settings import accumulation_steps
+from asclepius.train.data import (
+    BlockSource,
+    blocks_table,
+    instruction_example,
+    packed_table,
+    pad_to_longest,
+    pretraining_blocks,
+    pretraining_table,
+    write_blocks,
+)
+from asclepius.train.settings import accumulation_steps, torch_extensions_dir
 
 log = logging.getLogger("asclepius.train")
+NOTES_PER_GROUP = 1000  # HF run_clm's group_texts concatenates per map batch of 1,000 texts (the recipe's pretraining)
+EXAMPLES_PER_PACK = 20000  # instruction examples packed together: more gives no measurable gain in padding
 
 
-def torch_extensions_dir() -> str:
-    from asclepius.models import cache_dir
-
-    return str(cache_dir() / "torch_extensions")
-
-
-# ----------------------------------------------------------------------------------------------- datasets
+# ----------------------------------------------------------------------------------------------- data (Ray Data)
 def packed_block_len(hp: TrainHyperparams) -> int:
     """With flash-attention varlen (`packed_attention: position_ids`) a micro-batch is ONE block of micro_batch ×
     max_len tokens of whole examples (each ≤ max_len, positions restarting): examples of 1,000–2,000 tokens pack
@@ -47,81 +61,138 @@ def rows_per_batch(hp: TrainHyperparams) -> int:
     return 1 if hp.packing == "packed" and hp.packed_attention == "position_ids" else hp.micro_batch
 
 
-
-def pretraining_notes(cfg: Config, run: RunDir) -> pd.DataFrame:
-    """Discharge notes for continued pretraining: real and synthetic, never case reports or held-out notes."""
-    cols = ["note_id", "source", "text"]
-    frames = [f for f in (run.read_frame("notes", cols), run.read_frame("synthetic_notes", cols)) if len(f)]
-    notes = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
-    notes = notes[~notes.source.isin(cfg.synthesize.case_report_sources)]
-    held_out = run.read_frame("eval_notes", ["note_id"])
-    notes = notes[~notes.note_id.isin(set(held_out.note_id))]
-    return notes.sort_values("note_id").reset_index(drop=True)
-
-
-def _tokenize_batch(batch: pd.DataFrame, source: str, use_fast: bool | None) -> pd.DataFrame:
+def _tokenizer(source: str, use_fast: bool | None):
     from asclepius.models import load_tokenizer
 
-    tok = load_tokenizer(source, use_fast=use_fast)
-    return pd.DataFrame({"ids": [list(tok(t, add_special_tokens=False)["input_ids"]) for t in batch["text"]]})
+    key = (source, use_fast)
+    if key not in _TOKENIZERS:  # once per Ray worker process, not once per batch
+        _TOKENIZERS[key] = load_tokenizer(source, use_fast=use_fast)
+    return _TOKENIZERS[key]
 
 
-def pretraining_dataset(cfg: Config, run: RunDir, source: str, tokenizer) -> tuple[ray.data.Dataset, dict]:
-    notes = pretraining_notes(cfg, run)
-    tokenized = ray.data.from_pandas(notes[["text"]]).map_batches(
-        _tokenize_batch, batch_format="pandas", fn_kwargs={"source": source, "use_fast": cfg.model.use_fast_tokenizer}
-    )
-    token_lists = [list(ids) for ids in tokenized.to_pandas()["ids"]]
-    token_lists = shuffled(token_lists, cfg.pretrain.seed)
-    blocks = pretraining_blocks(token_lists, tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.pretrain.max_len)
-    cols = {
-        "input_ids": blocks,
-        "labels": blocks,
-        "position_ids": [list(range(len(b))) for b in blocks],
-        "segment_ids": [[1] * len(b) for b in blocks],
-    }
-    stats = {"notes": len(notes), "tokens": sum(len(t) + 2 for t in token_lists), "blocks": len(blocks), "block_len": cfg.pretrain.max_len}
-    return ray.data.from_pandas(pd.DataFrame(cols)), stats
+_TOKENIZERS: dict = {}
 
 
-def finetuning_dataset(cfg: Config, run: RunDir, tokenizer) -> tuple[ray.data.Dataset, dict]:
-    hp = cfg.finetune
-    rows = run.read_frame("instructions")
-    prompt = load_recipe().model_prompt
+def _pretrain_task(batch: pd.DataFrame, *, source, use_fast, block_len, out_dir) -> pd.DataFrame:
+    tok = _tokenizer(source, use_fast)
+    ids = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in batch["text"]]
+    blocks = pretraining_blocks(ids, tok.bos_token_id, tok.eos_token_id, block_len)
+    path = write_blocks(pretraining_table(blocks), out_dir) if blocks else None
+    tokens = sum(len(i) + 2 for i in ids)
+    return pd.DataFrame({"file": [path], "examples": [len(ids)], "blocks": [len(blocks)], "tokens": [tokens], "dropped": [0],
+                         "truncated": [0], "real_tokens": [len(blocks) * block_len], "block_tokens": [len(blocks) * block_len]})  # fmt: skip
+
+
+def _finetune_task(batch: pd.DataFrame, *, source, use_fast, template, hp: TrainHyperparams, out_dir) -> pd.DataFrame:
+    tok = _tokenizer(source, use_fast)
     examples, dropped = [], 0
-    for r in rows.itertuples():
-        ex = instruction_example(tokenizer, prompt, r.note, r.question, r.answer, hp.max_len)
+    for note, question, answer in zip(batch["note"], batch["question"], batch["answer"]):
+        ex = instruction_example(tok, template, note, question, answer, hp.max_len)
         if ex is None:
             dropped += 1
         else:
             examples.append(ex)
-    examples = shuffled(examples, hp.seed)
-    # The pad id never reaches the loss (labels -100) nor another example (attention stays inside examples), so
-    # any id will do: the tokenizer's pad token if it has one (LLaMA's has none; the recipe padded with bos), else eos.
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if hp.packing == "pad_to_longest":
-        blocks = pad_to_longest(examples, pad, hp.micro_batch)
+    # The pad id never reaches the loss (labels -100) nor another example (attention stays inside examples), so any
+    # id will do: the tokenizer's pad token if it has one (LLaMA's has none; the recipe padded with bos), else eos.
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if not examples:
+        table = None
+    elif hp.packing == "pad_to_longest":
+        table = blocks_table(pad_to_longest(examples, pad, hp.micro_batch))
     else:
-        blocks = pack(examples, packed_block_len(hp), pad)
+        table = packed_table(examples, packed_block_len(hp), pad)
+    path = write_blocks(table, out_dir) if table is not None else None
+    real = sum(len(e) for e in examples)
+    width = sum(len(x) for x in table.column("input_ids").to_pylist()) if table is not None and hp.packing == "pad_to_longest" else (
+        table.num_rows * packed_block_len(hp) if table is not None else 0)  # fmt: skip
+    return pd.DataFrame({"file": [path], "examples": [len(examples)], "blocks": [table.num_rows if table is not None else 0],
+                         "tokens": [real], "dropped": [dropped], "truncated": [sum(e.truncated_note for e in examples)],
+                         "real_tokens": [real], "block_tokens": [width]})  # fmt: skip
+
+
+def _table_files(run: RunDir, *folders: str) -> list[str]:
+    return [p for folder in folders for p in run.files(folder) if p.endswith(".parquet")]
+
+
+def _select_pretraining(batch: pd.DataFrame, *, held_out: frozenset, case_reports: frozenset) -> pd.DataFrame:
+    keep = ~batch["note_id"].isin(held_out) & ~batch["source"].isin(case_reports)
+    return batch.loc[keep, ["text"]]
+
+
+def build_blocks(ctx: StageRun, source: str) -> dict:
+    """Tokenize and pack the stage's data in Ray Data tasks into Arrow files; the counts. Reused by a resumed attempt."""
+    cfg, run, stage = ctx.cfg, ctx.run, ctx.stage.name
+    hp: TrainHyperparams = getattr(cfg, stage)
+    out_dir = run.path("ray_train", f"{stage}-{ctx.attempt}", "data")
+    done_file = os.path.join(out_dir, "_blocks.json")
+    if os.path.exists(done_file):
+        with open(done_file, encoding="utf-8") as f:
+            return json.load(f)
+    if os.path.isdir(out_dir):
+        for leftover in glob.glob(os.path.join(out_dir, "*")):
+            os.remove(leftover)  # a crash while building: build again
+    os.makedirs(out_dir, exist_ok=True)
+    use_fast = cfg.model.use_fast_tokenizer
+    if stage == "pretrain":
+        files = _table_files(run, "notes", "synthetic_notes")
+        held_out = frozenset(run.read_frame("eval_notes", ["note_id"]).note_id)
+        ds = ray.data.read_parquet(files, columns=["note_id", "source", "text"]) if files else ray.data.from_items([])
+        ds = ds.map_batches(_select_pretraining, batch_format="pandas", fn_kwargs={"held_out": held_out, "case_reports": frozenset(cfg.synthesize.case_report_sources)})
+        task, batch_size = _pretrain_task, NOTES_PER_GROUP
+        kwargs = {"source": source, "use_fast": use_fast, "block_len": hp.max_len, "out_dir": out_dir}
+    else:
+        files = _table_files(run, "instructions")
+        ds = ray.data.read_parquet(files, columns=["note", "question", "answer"]) if files else ray.data.from_items([])
+        task, batch_size = _finetune_task, EXAMPLES_PER_PACK
+        kwargs = {"source": source, "use_fast": use_fast, "template": load_recipe().model_prompt, "hp": hp, "out_dir": out_dir}
+    if files:
+        ds = ds.random_shuffle(seed=hp.seed)  # examples (notes) mixed before they are grouped or packed
+        parts = ds.map_batches(task, batch_format="pandas", batch_size=batch_size, fn_kwargs=kwargs).to_pandas()
+    else:
+        parts = pd.DataFrame(columns=["file", "examples", "blocks", "tokens", "dropped", "truncated", "real_tokens", "block_tokens"])
     stats = {
-        "instructions": len(rows), "examples": len(examples), "dropped_answer_too_long": dropped,
-        "truncated_notes": sum(e.truncated_note for e in examples), "blocks": len(blocks),
-        "padding_fraction": round(padding_fraction(blocks), 4), "packing": hp.packing,
+        "files": sorted(f for f in parts["file"] if isinstance(f, str)),
+        "examples": int(parts["examples"].sum()), "blocks": int(parts["blocks"].sum()), "tokens": int(parts["tokens"].sum()),
+        "dropped_answer_too_long": int(parts["dropped"].sum()), "truncated_notes": int(parts["truncated"].sum()),
+        "padding_fraction": round(1 - parts["real_tokens"].sum() / max(1, parts["block_tokens"].sum()), 4),
+        "packing": hp.packing if stage == "finetune" else "blocks", "block_len": packed_block_len(hp) if stage == "finetune" else hp.max_len,
     }  # fmt: skip
-    return ray.data.from_pandas(pd.DataFrame(to_columns(blocks))), stats
+    with open(done_file + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(stats, f)
+    os.replace(done_file + ".tmp", done_file)
+    return stats
+
+
+def global_batch_accumulation(hp: TrainHyperparams, stats: dict, workers: int, rows: int, stage: str) -> tuple[int, float]:
+    """(gradient accumulation, examples per optimizer step). The recipe's global batch of 128 counts examples and a
+    packed block holds several, so by default (`global_batch_unit: examples`) the accumulation is chosen for about
+    `global_batch` examples per step; `blocks` counts a block as one. Pretraining's unit is the block (the recipe's)."""
+    if stage == "pretrain" or hp.packing == "pad_to_longest" or hp.global_batch_unit == "blocks":
+        accum = accumulation_steps(hp, workers, stage)  # global batch = micro_batch × accumulation × workers, exactly
+        per_row = 1.0 if stage == "pretrain" or hp.packing == "pad_to_longest" else stats["examples"] / max(1, stats["blocks"])
+        return accum, accum * rows * workers * per_row
+    per_row = stats["examples"] / max(1, stats["blocks"])
+    accum = max(1, round(hp.global_batch / (per_row * rows * workers)))
+    return accum, accum * rows * workers * per_row
 
 
 # ----------------------------------------------------------------------------------------------- workers
-def _collate(batch: dict) -> dict:
-    """Blocks as long tensors; pad-to-longest blocks differ in length, so pad each micro-batch to its longest."""
-    import torch
+def attention_for(hp: TrainHyperparams, stage: str, use_gpu: bool) -> tuple[str, str | None]:
+    """(how packed examples are kept apart, transformers' attention implementation).
+    Pretraining blocks are one causal sequence each: no mask, so SDPA runs its flash kernel. Packed instruction
+    data: a block-diagonal mask (SDPA/eager), or — `packed_attention: position_ids` on GPU — flash-attention 2,
+    which reads the example boundaries from the restarting position ids (no mask at all). Without flash-attn
+    installed that path would silently attend across examples, so it is refused."""
+    if stage == "pretrain":
+        return "causal", "sdpa"
+    if hp.packing == "packed" and hp.packed_attention == "position_ids":
+        import importlib.util
 
-    out = {}
-    length = max(len(x) for x in batch["input_ids"])
-    fill = {"input_ids": 0, "labels": -100, "position_ids": 0, "segment_ids": 0}
-    for key, values in batch.items():
-        out[key] = torch.tensor([list(v) + [fill[key]] * (length - len(v)) for v in values], dtype=torch.long)
-    return out
+        if not (use_gpu and importlib.util.find_spec("flash_attn")):
+            raise RuntimeError(f"{stage}.packed_attention: position_ids needs flash-attn on GPU workers (pip install flash-attn); "
+                               f"use packed_attention: mask otherwise")  # fmt: skip
+        return "position_ids", "flash_attention_2"
+    return "mask", "sdpa"
 
 
 def _worker(config: dict) -> None:
@@ -136,7 +207,7 @@ def _worker(config: dict) -> None:
 
     hp: TrainHyperparams = config["hp"]
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(hp.seed)
 
     class RayContext(TrainContext):
@@ -154,24 +225,27 @@ def _worker(config: dict) -> None:
             ckpt = ray.train.get_checkpoint()
             return ckpt.as_directory() if ckpt else contextlib.nullcontext(None)
 
+    packed_attention, implementation = attention_for(hp, config["section"], hp.use_gpu)
     tokenizer = load_tokenizer(config["source"], use_fast=config["use_fast"])
-    model = load_model(config["source"], dtype="float32" if not hp.use_gpu else "bfloat16", device="cuda" if hp.use_gpu else "cpu")
-    shard = ray.train.get_dataset_shard("train")
+    model = load_model(config["source"], dtype="float32" if not hp.use_gpu else "bfloat16", device="cuda" if hp.use_gpu else "cpu",
+                       attn_implementation=implementation)  # fmt: skip
+    source = BlockSource(config["block_files"])
 
-    def batches(epoch):
-        return shard.iter_torch_batches(batch_size=config["rows_per_batch"], collate_fn=_collate)
+    def batches(epoch, first):
+        return source.batches(epoch, first, seed=hp.seed, rank=rank, world=world, per_epoch=config["steps_per_epoch"] * config["accumulation"],
+                              rows=config["rows_per_batch"])  # fmt: skip
 
     result = train(
-        model, batches, config["steps_per_epoch"], hp, config["section"], RayContext(rank=rank, world_size=context.get_world_size()),
-        export_dir=config["export_dir"], tokenizer=tokenizer, packed_attention=hp.packed_attention, max_steps=hp.max_steps,
-        checkpoint_every=hp.checkpoint_every_steps,
+        model, batches, config["steps_per_epoch"], hp, config["section"], RayContext(rank=rank, world_size=world),
+        export_dir=config["export_dir"], tokenizer=tokenizer, packed_attention=packed_attention, max_steps=hp.max_steps,
+        checkpoint_every=hp.checkpoint_every_steps, accumulation=config["accumulation"],
     )  # fmt: skip
     if rank == 0:
         with open(config["summary_file"], "w", encoding="utf-8") as f:
             json.dump({"final_step": result.final_step, "resumed_from": result.resumed_from}, f)
 
 
-def fit(ctx: StageRun, source: str, dataset: ray.data.Dataset, rows: int, rows_per_batch: int) -> dict:
+def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
     """Run one training stage on Ray Train; returns what the manifest records.
 
     The Ray Train run is named after the stage's attempt: a stage that was cut off resumes its own checkpoints,
@@ -182,19 +256,21 @@ def fit(ctx: StageRun, source: str, dataset: ray.data.Dataset, rows: int, rows_p
 
     stage, cfg, run = ctx.stage.name, ctx.cfg, ctx.run
     hp: TrainHyperparams = getattr(cfg, stage)
-    accum = accumulation_steps(hp, hp.num_workers, stage)  # fails before anything starts, naming the fields
-    steps_per_epoch = rows // hp.num_workers // rows_per_batch // accum
+    accum, examples_per_step = global_batch_accumulation(hp, stats, hp.num_workers, rows_per_batch, stage)
+    steps_per_epoch = stats["blocks"] // hp.num_workers // rows_per_batch // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"{stage}: {rows} blocks are not enough for one step of global batch {hp.global_batch}; lower {stage}.global_batch")
+        raise ValueError(f"{stage}: {stats['blocks']} blocks are not enough for one step of global batch {hp.global_batch}; lower {stage}.global_batch")
     stage_dir = ctx.local_output(f"checkpoints/{stage}")
     config = {
         "hp": hp, "section": stage, "source": source, "steps_per_epoch": steps_per_epoch, "rows_per_batch": rows_per_batch,
+        "accumulation": accum, "block_files": stats["files"],
         "export_dir": os.path.join(stage_dir, "final"), "metrics_file": os.path.join(stage_dir, "metrics.jsonl"),
         "summary_file": os.path.join(stage_dir, "summary.json"), "torch_extensions_dir": torch_extensions_dir(),
         "use_fast": cfg.model.use_fast_tokenizer if cfg.model else None,
     }  # fmt: skip
     if not ctx.resumed and os.path.exists(config["metrics_file"]):
         os.remove(config["metrics_file"])  # a new attempt's curve never mixes with an older one's
+    log.info("%s: %d blocks, %d steps/epoch, accumulation %d, ~%.0f examples per step", stage, stats["blocks"], steps_per_epoch, accum, examples_per_step)
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
@@ -205,7 +281,6 @@ def fit(ctx: StageRun, source: str, dataset: ray.data.Dataset, rows: int, rows_p
             failure_config=FailureConfig(max_failures=hp.max_failures),
         ),  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if hp.use_gpu else "gloo"),
-        datasets={"train": dataset},
     )
     started = time.time()
     trainer.fit()
@@ -215,7 +290,8 @@ def fit(ctx: StageRun, source: str, dataset: ray.data.Dataset, rows: int, rows_p
     plot_loss(history, os.path.join(stage_dir, "loss.png"), stage)
     published = run.path("checkpoints", stage, "final")
     return {
-        **summary, "steps_per_epoch": steps_per_epoch, "accumulation": accum, "workers": hp.num_workers, "zero_stage": hp.zero_stage,
+        **summary, "steps_per_epoch": steps_per_epoch, "accumulation": accum, "examples_per_step": round(examples_per_step, 1),
+        "workers": hp.num_workers, "zero_stage": hp.zero_stage,
         "first_loss": history[0]["loss"] if history else None, "final_loss": history[-1]["loss"] if history else None,
         "tokens_per_s": round(sum(h["tokens_per_s"] for h in history) / len(history), 1) if history else None,
         "mfu": history[-1]["mfu"] if history else None, "export_dir": published, "seconds": round(time.time() - started, 1),
@@ -256,24 +332,17 @@ def _base_source(cfg: Config) -> str | None:
 
 
 def pretrain(ctx: StageRun) -> dict:
-    from asclepius.models import load_tokenizer
-
-    cfg = ctx.cfg
-    source = _base_source(cfg)
-    tokenizer = load_tokenizer(source, use_fast=cfg.model.use_fast_tokenizer)
-    dataset, stats = pretraining_dataset(cfg, ctx.run, source, tokenizer)
-    return {"data": stats, **fit(ctx, source, dataset, stats["blocks"], cfg.pretrain.micro_batch)}
+    source = _base_source(ctx.cfg)
+    stats = build_blocks(ctx, source)
+    return {"data": {k: v for k, v in stats.items() if k != "files"}, **fit(ctx, source, stats, ctx.cfg.pretrain.micro_batch)}
 
 
 def finetune(ctx: StageRun) -> dict:
-    from asclepius.models import load_tokenizer
-
     cfg = ctx.cfg
     pretrained = ctx.run.path("checkpoints", "pretrain", "final")
     source = pretrained if os.path.exists(os.path.join(pretrained, "config.json")) else _base_source(cfg)
-    tokenizer = load_tokenizer(source, use_fast=cfg.model.use_fast_tokenizer)
-    dataset, stats = finetuning_dataset(cfg, ctx.run, tokenizer)
-    return {"data": stats, "base": source, **fit(ctx, source, dataset, stats["blocks"], rows_per_batch(cfg.finetune))}
+    stats = build_blocks(ctx, source)
+    return {"data": {k: v for k, v in stats.items() if k != "files"}, "base": source, **fit(ctx, source, stats, rows_per_batch(cfg.finetune))}
 
 
 def format_summary(name: str):

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 
 from asclepius.config import TrainHyperparams
 
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU. CPUs have no meaningful single peak: MFU is reported as n/a.
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12}
+# Dense bf16 tensor-core peaks (FLOP/s, NVIDIA datasheets, without sparsity) for MFU, by a name's part; the most
+# specific part wins ("H100 PCIe" before "H100", "L40S" before "L4"). CPUs have no single peak: MFU is n/a.
+PEAK_FLOPS = {
+    "H100 PCIE": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+}  # fmt: skip
 
 
 class TrainConfigError(ValueError):
@@ -25,8 +30,10 @@ def accumulation_steps(hp: TrainHyperparams, workers: int, section: str) -> int:
     return hp.global_batch // per_step
 
 
-def deepspeed_config(hp: TrainHyperparams, workers: int, section: str, bf16: bool, offload_optimizer: bool = False) -> dict:
-    accum = accumulation_steps(hp, workers, section)
+def deepspeed_config(hp: TrainHyperparams, workers: int, section: str, bf16: bool, offload_optimizer: bool = False,
+                     accumulation: int | None = None) -> dict:  # fmt: skip
+    """`accumulation`: decided from the data when the global batch counts examples (packed blocks hold several)."""
+    accum = accumulation or accumulation_steps(hp, workers, section)
     zero: dict = {"stage": hp.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
     if hp.zero_stage == 3:
         # ZeRO-3 shards the weights; gather them in 16 bit when the final model is saved.
@@ -34,7 +41,7 @@ def deepspeed_config(hp: TrainHyperparams, workers: int, section: str, bf16: boo
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {
-        "train_batch_size": hp.global_batch,
+        "train_batch_size": hp.micro_batch * accum * workers,
         "train_micro_batch_size_per_gpu": hp.micro_batch,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": hp.gradient_clipping,
@@ -59,15 +66,23 @@ def lr_at(step: int, total_steps: int, hp: TrainHyperparams) -> float:
     return hp.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the matmuls (forward + backward) + 12·L·H·T for attention (PaLM, App. B)."""
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
+    """Training FLOPs per token: 6·N for the matmuls (forward + backward) + 12·L·H·T for attention (PaLM, App. B),
+    T the span a token attends over — for packed examples their own length (data.attention_seq_len), not the block."""
     return 6 * n_params + 12 * n_layers * hidden * seq_len
 
 
 def peak_flops(device_name: str | None) -> float | None:
     if not device_name:
         return None
-    for key, value in PEAK_FLOPS.items():
-        if key in device_name.upper():
-            return value
+    name = device_name.upper().replace("-", " ")
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(key)}\b", name):
+            return PEAK_FLOPS[key]
     return None
+
+
+def torch_extensions_dir() -> str:
+    from asclepius.models import cache_dir
+
+    return str(cache_dir() / "torch_extensions")

@@ -32,12 +32,29 @@ def test_pretraining_blocks_layout():
     assert blocks == [[1, 10, 11, 12], [2, 1, 20, 21], [2, 1, 30, 31]]
 
 
-def test_instruction_example_masks_the_source_and_ends_with_eos(tiny):
+def recipe_preprocess(tok, note, question, answer):
+    """The recipe's instruction_ft.py: fields stripped of newlines, source = PROMPT.format_map, target = answer +
+    eos_token, input = tokenizer(source + target) (LLaMA adds bos), labels masked over len(tokenizer(source))."""
+    note, question, answer = note.strip("\n"), question.strip("\n"), answer.strip("\n")
+    source = PROMPT.format_map({"note": note, "question": question})
+    target = f"{answer}{tok.eos_token}"
+    full = [tok.bos_token_id] + tok(source + target, add_special_tokens=False)["input_ids"]
+    source_len = 1 + len(tok(source, add_special_tokens=False)["input_ids"])
+    return full, [IGNORE] * source_len + full[source_len:]
+
+
+def test_instruction_example_is_tokenized_as_the_recipe_did(tiny):
     tok, _ = tiny
-    ex = instruction_example(tok, PROMPT, "\nPt w/ CHF.\n", "What is the EF?\n", "EF 35%.", max_len=512)
-    source = [tok.bos_token_id] + tok(PROMPT.format(note="Pt w/ CHF.", question="What is the EF?"), add_special_tokens=False)["input_ids"]
-    target = tok("EF 35%.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert ex.input_ids == source + target and ex.labels == [IGNORE] * len(source) + target and not ex.truncated_note
+    for note, question, answer in [("\nPt w/ CHF.\n", "What is the EF?\n", "EF 35%."), ("DKA, glucose 542.", "Summarize.", "Insulin gtt, resolved."),
+                                   ("Pt s/p CABG x3.", "Which arrhythmia?", " Atrial fibrillation")]:  # fmt: skip
+        ex = instruction_example(tok, PROMPT, note, question, answer, max_len=512)
+        ids, labels = recipe_preprocess(tok, note, question, answer)
+        assert (ex.input_ids, ex.labels) == (ids, labels) and not ex.truncated_note
+        assert ex.input_ids[-1] == tok.eos_token_id
+    # the answer is not tokenized apart: its first token follows the prompt's last newline, without a word boundary
+    ex = instruction_example(tok, PROMPT, "Pt w/ CHF.", "What is the EF?", "EF 35%.", max_len=512)
+    first_answer_token = tok.convert_ids_to_tokens([next(t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE)])[0]
+    assert first_answer_token == "E" and tok.convert_ids_to_tokens(tok("EF", add_special_tokens=False)["input_ids"])[0] == "▁E"
 
 
 def test_a_long_note_is_truncated_never_the_answer(tiny):
@@ -45,8 +62,8 @@ def test_a_long_note_is_truncated_never_the_answer(tiny):
     answer = "The patient was discharged home on lasix."
     ex = instruction_example(tok, PROMPT, "word " * 2000, "Summarize.", answer, max_len=256)
     assert ex.truncated_note and len(ex) <= 256
-    target = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert ex.input_ids[-len(target):] == target and ex.labels[-len(target):] == target
+    learned = [t for t in ex.labels if t != IGNORE]
+    assert tok.decode(learned[:-1]) == answer and learned[-1] == tok.eos_token_id and ex.input_ids[-len(learned):] == learned
     assert instruction_example(tok, PROMPT, "note", "q", "a " * 300, max_len=64) is None  # the answer alone is too long
 
 
@@ -96,3 +113,58 @@ def test_an_examples_loss_is_the_same_packed_or_alone(tiny):
         return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE)
 
     assert ce(packed_logits[0, idx], packed["labels"][0, idx]).item() == pytest.approx(ce(alone_logits[0], alone["labels"][0]).item(), abs=1e-4)
+
+
+def test_best_fit_decreasing_packing_is_fast_and_tight():
+    import random
+    import time
+
+    from asclepius.train.data import pack_bins
+
+    rng = random.Random(0)
+    lengths = [min(2048, max(64, int(rng.lognormvariate(7.1, 0.35)))) for _ in range(50_000)]
+    started = time.time()
+    bins = pack_bins(lengths, 2048)
+    assert time.time() - started < 5  # O(n log n): the old first-fit scan took ~3 s for 10k, ~11 min for 158k
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # every example once
+    assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
+    lower_bound = -(-sum(lengths) // 2048)
+    assert len(bins) <= 1.12 * lower_bound  # within 12 % of perfect packing
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_bins([10, 3000], 2048)
+
+
+def test_packed_table_is_the_compact_form_of_pack():
+    from asclepius.train.data import blocks_table, collate, packed_table
+
+    examples = [Example([7] * n, [IGNORE] * (n // 3) + [7] * (n - n // 3)) for n in (30, 25, 20, 12, 9, 40)]
+    table = packed_table(examples, 50, pad_id=0)
+    assert table.equals(blocks_table(pack(examples, 50, 0)))
+    batch = collate(table.to_pylist())
+    expected = {k: torch.tensor(v) for k, v in to_columns(pack(examples, 50, 0)).items()}
+    for key in ("input_ids", "labels", "position_ids", "segment_ids"):
+        padding = expected["segment_ids"] == 0
+        assert torch.equal(batch[key][~padding], expected[key][~padding]), key
+
+
+def test_each_epoch_has_its_own_seeded_order_dealt_to_the_workers():
+    from asclepius.train.data import epoch_rows
+
+    e0 = [epoch_rows(100, 3, 0, r, 4, 25) for r in range(4)]
+    assert sorted(int(i) for part in e0 for i in part) == list(range(100))  # a partition: every block once per epoch
+    assert all((a == b).all() for a, b in zip(e0, [epoch_rows(100, 3, 0, r, 4, 25) for r in range(4)]))  # reproducible
+    assert not (epoch_rows(100, 3, 1, 0, 4, 25) == e0[0]).all()  # another epoch, another order
+    assert not (epoch_rows(100, 4, 0, 0, 4, 25) == e0[0]).all()  # another seed, another order
+
+
+def test_pretraining_batches_are_causal_without_a_mask_and_attention_spans_examples():
+    from asclepius.train.data import attention_seq_len
+
+    batch = {"input_ids": torch.ones(2, 8, dtype=torch.long), "labels": torch.ones(2, 8, dtype=torch.long),
+             "position_ids": torch.arange(8).repeat(2, 1), "segment_ids": torch.ones(2, 8, dtype=torch.long)}  # fmt: skip
+    assert "attention_mask" not in model_inputs(batch, torch.float32, "causal")  # SDPA keeps its causal flash kernel
+    assert "attention_mask" not in model_inputs(batch, torch.float32, "position_ids")  # flash-attn reads the positions
+    assert model_inputs(batch, torch.float32, "mask")["attention_mask"].shape == (2, 1, 8, 8)
+    assert attention_seq_len(batch["segment_ids"]) == 8.0
+    packed = torch.tensor([[1, 1, 1, 2, 0, 0], [1, 1, 2, 2, 2, 2]])  # examples of 3, 1, 2, 4 tokens
+    assert attention_seq_len(packed) == pytest.approx((9 + 1 + 4 + 16) / 10)

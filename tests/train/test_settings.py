@@ -38,3 +38,37 @@ def test_flops_and_peaks():
     assert flops_per_token(7_000_000_000, 32, 4096, 2048) == 6 * 7e9 + 12 * 32 * 4096 * 2048
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops(None) is None and peak_flops("cpu") is None
+    # the most specific name wins: an L40S is not an L4, an H100 PCIe not an SXM part
+    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 NVL") == 835e12 and peak_flops("NVIDIA H200") == 989e12
+
+
+def test_adamw_is_the_recipes_and_offload_takes_deepspeeds_cpu_adam():
+    import torch
+
+    from asclepius.models import load_model
+    from asclepius.train.loop import compute_params, make_optimizer
+
+    assert CFG.finetune.adam_betas == (0.9, 0.999) and CFG.finetune.adam_eps == 1e-8  # HF Trainer's defaults
+    model = load_model("tiny")
+    opt = make_optimizer(model, CFG.finetune, "cpu")
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.999)
+    custom = CFG.finetune.model_copy(update={"adam_betas": (0.9, 0.95)})
+    assert make_optimizer(model, custom, "cpu").defaults["betas"] == (0.9, 0.95)
+    # tied embeddings: the one matrix is the LM head's matmul, counted once
+    assert compute_params(model) == sum(p.numel() for p in model.parameters()) - (
+        0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+
+
+def test_the_global_batch_counts_examples_as_the_recipe_did():
+    from asclepius.train.ray_train import global_batch_accumulation
+
+    ft = config_from_dict({"run_dir": "/tmp/x", "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]},
+                           "finetune": {"micro_batch": 1, "num_workers": 8}}).finetune  # fmt: skip
+    stats = {"examples": 158_000, "blocks": 100_000}  # 1.58 packed examples per block
+    accum, per_step = global_batch_accumulation(ft, stats, workers=8, rows=1, stage="finetune")
+    assert accum == 10 and abs(per_step - 126.4) < 0.1  # ~128 examples per step, not 128 blocks (~202 examples)
+    blocks = ft.model_copy(update={"global_batch_unit": "blocks"})
+    assert global_batch_accumulation(blocks, stats, workers=8, rows=1, stage="finetune")[0] == 16  # 128 blocks per step
+    pre = CFG.pretrain  # the recipe's pretraining counts blocks of max_len
+    assert global_batch_accumulation(pre, {"examples": 5, "blocks": 9}, workers=8, rows=4, stage="pretrain") == (4, 128.0)

@@ -1,0 +1,93 @@
+"""The training loop alone (one process, DeepSpeed on CPU, no Ray): train mode, checkpointing, resume order, offload."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported in this process
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from asclepius.config import config_from_dict  # noqa: E402
+from asclepius.models import load_model, load_tokenizer  # noqa: E402
+from asclepius.recipe import load_recipe  # noqa: E402
+from asclepius.train.data import collate, epoch_rows, instruction_example, packed_table  # noqa: E402
+from asclepius.train.loop import TrainContext, train  # noqa: E402
+from asclepius.train.settings import torch_extensions_dir  # noqa: E402
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+
+
+def hyperparams(**over):
+    base = {"micro_batch": 1, "global_batch": 1, "lr": 1e-3, "warmup_ratio": 0.0, "max_len": 512, "epochs": 10, "zero_stage": 2,
+            "gradient_checkpointing": False, "lr_scheduler": "constant", **over}  # fmt: skip
+    return config_from_dict({"run_dir": "/tmp/x", "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]}, "finetune": base}).finetune
+
+
+@pytest.fixture(scope="module")
+def rows():
+    tok = load_tokenizer("tiny")
+    qa = [("Pt w/ CHF, EF 35%.", "What is the EF?", "35%."), ("DKA, glucose 542.", "Glucose?", "542."),
+          ("CABG x3 c/b AF.", "Arrhythmia?", "AF."), ("Lap chole.", "Surgery?", "Cholecystectomy.")]  # fmt: skip
+    examples = [instruction_example(tok, load_recipe().model_prompt, n, q, a, 512) for n, q, a in qa]
+    return packed_table(examples, 512, tok.eos_token_id).to_pylist() * 2  # 8 blocks
+
+
+def recording_batches(rows, log, seed=0):
+    def batches(epoch, first):
+        order = epoch_rows(len(rows), seed, epoch, 0, 1, 4)  # 4 micro-batches per epoch
+        for k in range(first, 4):
+            log.append((epoch, k, int(order[k])))
+            yield collate([rows[order[k]]])
+
+    return batches
+
+
+def test_training_runs_in_train_mode_and_checkpointing_recomputes(rows):
+    model = load_model("tiny")
+    calls, modes = [], []
+    def hook(module, inputs, output):  # returns None: the output is left as it is
+        calls.append(1)
+        modes.append(module.training)
+
+    model.model.layers[0].self_attn.register_forward_hook(hook)  # the recompute calls the layer's inner modules again
+    log = []
+    train(model, recording_batches(rows, log), 4, hyperparams(gradient_checkpointing=True), "finetune", TrainContext(), max_steps=2)
+    assert all(modes) and len(modes) > 0  # dropout on; transformers checkpoints only in training mode
+    assert len(calls) == 2 * len(log)  # every layer's forward runs again in the backward pass: checkpointing is real
+
+
+def test_resume_in_a_later_epoch_trains_exactly_what_was_left(rows, tmp_path):
+    uninterrupted = []
+    train(load_model("tiny"), recording_batches(rows, uninterrupted), 4, hyperparams(), "finetune", TrainContext(), max_steps=10)
+    assert [(e, k) for e, k, _ in uninterrupted] == [(0, k) for k in range(4)] + [(1, k) for k in range(4)] + [(2, 0), (2, 1)]
+    assert [b for e, _, b in uninterrupted if e == 0] != [b for e, _, b in uninterrupted if e == 1]  # reshuffled each epoch
+
+    before, after = [], []
+    ctx = lambda: TrainContext(checkpoint_root=str(tmp_path / "ckpt"))  # noqa: E731
+    train(load_model("tiny"), recording_batches(rows, before), 4, hyperparams(), "finetune", ctx(), max_steps=6, checkpoint_every=6)
+    result = train(load_model("tiny"), recording_batches(rows, after), 4, hyperparams(), "finetune", ctx(), max_steps=10)
+    assert result.resumed_from == 6 and result.final_step == 10
+    assert before + after == uninterrupted  # killed at step 6 of 4-step epochs: nothing skipped, nothing repeated
+
+
+def test_offloaded_optimizer_is_deepspeeds_cpu_adam(rows):
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    model = load_model("tiny")
+    ctx = TrainContext()
+    seen = []
+    import deepspeed
+
+    original = deepspeed.initialize
+
+    def spy(**kwargs):
+        seen.append(type(kwargs["optimizer"]))
+        return original(**kwargs)
+
+    deepspeed.initialize = spy
+    try:
+        result = train(model, recording_batches(rows, []), 4, hyperparams(offload_optimizer=True), "finetune", ctx, max_steps=3)
+    finally:
+        deepspeed.initialize = original
+    assert seen == [DeepSpeedCPUAdam] and result.final_step == 3
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
