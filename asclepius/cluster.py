@@ -11,6 +11,7 @@ import ray
 from asclepius.config import RayConfig
 
 log = logging.getLogger("asclepius")
+QUIET = {"on": False}  # set by asclepius.console for `asclepius run` without --verbose
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -19,10 +20,13 @@ def init_ray(cfg: RayConfig) -> None:
         return
     # Our package must be importable by every worker: under `ray job submit --working-dir .` Ray ships it; for a
     # local run the workers inherit the driver's environment.
-    kwargs: dict = {"log_to_driver": True, "include_dashboard": cfg.include_dashboard}
+    quiet = QUIET["on"]  # the quiet console: Ray's own lines go to its log files, not to the driver's console
+    kwargs: dict = {"log_to_driver": not quiet, "include_dashboard": cfg.include_dashboard}
+    if quiet:
+        kwargs.update(logging_level=logging.WARNING, configure_logging=False)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
         log.info("joined Ray cluster at %s", address)
         return
     # A local instance's workers inherit this process's environment: make sure they can import this package even
@@ -35,5 +39,7 @@ def init_ray(cfg: RayConfig) -> None:
         kwargs["num_cpus"] = cfg.num_cpus
     if cfg.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.object_store_memory_mb << 20
-    ray.init(**kwargs)
+    # address="local": always a new instance of our own, even when the machine runs a Ray cluster (`ray start
+    # --head`, or one that died without `ray stop`): a bare ray.init() would attach to it and refuse num_cpus.
+    ray.init(address="local", **kwargs)
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))

@@ -37,6 +37,8 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance (None: all).")
     object_store_memory_mb: int | None = Field(None, ge=75)
     include_dashboard: bool = False
+    check_fits: bool = Field(True, description="Before the first stage, check that every stage's workers, replicas and "
+                             "actors fit the nodes the cluster has or its autoscaler can add (asclepius/fits.py).")
 
 
 # --------------------------------------------------------------------------------------------------- notes
@@ -80,13 +82,13 @@ class NoteSourceConfig(StrictModel):
         return self.credentialed if self.credentialed is not None else self.kind in CREDENTIALED_KINDS
 
     @model_validator(mode="after")
-    def _mimic_is_credentialed(self) -> "NoteSourceConfig":
+    def _mimic_is_credentialed(self) -> NoteSourceConfig:
         if self.kind in CREDENTIALED_KINDS and self.credentialed is False:
             raise ValueError(f"credentialed: {self.kind} notes are credentialed data (PhysioNet DUA); it cannot be false")
         return self
 
     @model_validator(mode="after")
-    def _generic_needs_text_column(self) -> "NoteSourceConfig":
+    def _generic_needs_text_column(self) -> NoteSourceConfig:
         if self.kind == "generic" and not self.text_column:
             raise ValueError("a generic source needs `text_column` (the column holding the note text)")
         return self
@@ -123,14 +125,45 @@ class TeacherConfig(StrictModel):
     azure_endpoint: str | None = Field(None, description="azure: https://<resource>.openai.azure.com")
     azure_deployment: str | None = None
     api_version: str = "2024-10-21"
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key. Default: OPENAI_API_KEY for openai, "
+        "AZURE_OPENAI_API_KEY for azure, none for openai_compatible (a user's OpenAI key never goes to another host).",
+    )
     api_key_file: str | None = Field(None, description="File holding the API key (takes precedence over the env).")
     requests_per_minute: float = Field(3500, gt=0)
     tokens_per_minute: float = Field(90000, gt=0)
     rate_safety: float = Field(0.99, gt=0, le=1, description="Share of the limits to use (the rest absorbs jitter).")
     window_s: float = Field(60.0, gt=0, description="The limits' window; 60 for every real API.")
-    num_actors: int = Field(2, ge=1, description="Ray Data actors sending requests.")
-    concurrency_per_actor: int = Field(32, ge=1, description="Requests in flight per actor.")
+    mode: Literal["online", "batch"] = Field(
+        "online", description="batch: OpenAI's / Azure OpenAI's Batch API — half the price, a separate quota, results "
+        "within 24 h (asclepius/teacher/batch.py). Credentialed notes need batch_zero_retention_agreement.",
+    )
+    batch_poll_s: float = Field(30.0, gt=0, description="Seconds between polls of a running batch.")
+    batch_max_requests: int = Field(50000, ge=1, le=50000, description="Requests per batch file (OpenAI's limit: 50,000).")
+    batch_wave_size: int = Field(2000, ge=1, description="Questions stage in batch mode: notes per wave (one batch each; "
+                                 "the question pool is updated between waves).")
+    batch_zero_retention_agreement: bool = Field(
+        False, description="The provider keeps batch input and output files for a while, which PhysioNet's rules do not "
+        "allow for credentialed notes: set only under a zero-data-retention agreement with the provider.",
+    )
+    rate_accounting: Literal["reserved", "reserved_then_trued_up", "usage"] = Field(
+        "reserved", description="How the provider counts tokens/min: reserved (prompt + max_tokens, kept; OpenAI and "
+        "Azure OpenAI), reserved_then_trued_up (until the response, then its usage), usage (used tokens only).",
+    )
+    key_includes_endpoint: bool = Field(
+        False, description="Make the endpoint (host, deployment) part of a request's ledger key. Off: the same model "
+        "behind a new address (our Serve app on another port, a moved vLLM) answers from the ledger, unpaid.",
+    )
+    num_actors: int = Field(2, ge=1, description="Ray Data actors sending requests (the work is split among them).")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each request-sending actor needs, to place the actors on "
+        "a node type (e.g. {teacher_node: 1}); none: any node with a tenth of a CPU free.",
+    )
+    concurrency_per_actor: int | Literal["auto"] = Field(
+        "auto", description="Requests in flight per actor; auto: from the quota and latency by Little's law "
+        "(in flight = requests/s the quota allows × expected_latency_s).",
+    )
+    expected_latency_s: float = Field(5.0, gt=0, description="A request's typical latency, for concurrency `auto`.")
     timeout_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(6, ge=1)
     backoff_base_s: float = Field(1.0, ge=0)
@@ -166,7 +199,7 @@ class TeacherConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _endpoint_complete(self) -> "TeacherConfig":
+    def _endpoint_complete(self) -> TeacherConfig:
         if self.provider == "azure" and not (self.azure_endpoint and self.azure_deployment):
             raise ValueError("an azure teacher needs azure_endpoint and azure_deployment")
         if self.provider == "openai_compatible" and not self.base_url:
@@ -253,21 +286,21 @@ class ServedModelConfig(StrictModel):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: num_cpus).")
-    max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica works on at once.")
-    max_queued_requests: int = Field(64, ge=0, description="Beyond this many waiting requests, clients get 503.")
-    max_batch_size: int = Field(16, ge=1, description="Requests that share one generation batch.")
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_batch_size: int = Field(16, ge=1, description="Generations a replica decodes together (continuous batching: "
+                                "they join and leave between decoding steps).")
+    max_queued_requests: int = Field(64, ge=0, description="Generations that may wait for a place in the batch; a request "
+                                     "whose generations (prompts × n) do not fit gets 503 with Retry-After.")
     max_batch_tokens: int = Field(
-        32768, ge=1, description="Padding-aware cap: requests × longest (prompt + max_tokens) in a batch."
+        32768, ge=1, description="KV budget: rows × longest (prompt + max_tokens) in the running batch. Size it for the GPU: "
+        "a 7B model's KV cache takes ~0.5 MiB per token in bf16.",
     )
     context_length: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")
-    truncate_prompt: bool = Field(False, description="Cut long prompts from the left instead of answering 400.")
+    truncate_prompt: bool = Field(False, description="chat/completions: cut long prompts from the left instead of answering 400 "
+                                  "(/v1/answer always shortens the note from its end, as training does, and says so).")
     default_max_tokens: int = Field(256, ge=1)
 
     @model_validator(mode="after")
-    def _batch_fits_replica(self) -> "ServedModelConfig":
-        if self.max_batch_size > self.max_ongoing_requests:
-            raise ValueError("max_batch_size cannot exceed max_ongoing_requests (a batch is built from ongoing requests)")
+    def _batch_fits(self) -> ServedModelConfig:
         if self.max_batch_tokens < self.max_batch_size:
             raise ValueError("max_batch_tokens must be at least max_batch_size")
         return self
@@ -282,6 +315,7 @@ class ServeConfig(StrictModel):
     api_key_env: str | None = Field(None, description="If set (and the variable is), clients need this bearer key.")
     api_key_file: str | None = None
     keep_running: bool = Field(False, description="Pipeline: leave the app running after its smoke check.")
+    docs: bool = Field(False, description="Serve /openapi.json (behind the key when one is set).")
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
@@ -313,7 +347,7 @@ class CandidateConfig(StrictModel):
     max_tokens: int | None = Field(None, ge=1, description="Default: the recipe's 400.")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "CandidateConfig":
+    def _one_source(self) -> CandidateConfig:
         given = [k for k in ("served", "teacher", "endpoint", "column") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"a candidate needs exactly one of served, teacher, endpoint, column (got {given or 'none'})")
@@ -345,7 +379,7 @@ class EvaluateConfig(StrictModel):
     bootstrap_samples: int = Field(2000, ge=100, le=100000)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "EvaluateConfig":
+    def _unique_names(self) -> EvaluateConfig:
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"candidate names must be unique (got {names})")
@@ -386,12 +420,18 @@ class TrainHyperparams(StrictModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each training worker needs, to place it on a node type: "
+        "e.g. {train_node: 1} for nodes started with `--resources '{\"train_node\": 8}'`, or {\"accelerator_type:A100\": "
+        "0.001} for the accelerator Ray detected.",
+    )
     packing: Literal["packed", "pad_to_longest"] = Field("packed", description="Instruction data only.")
     packed_attention: Literal["mask", "position_ids"] = Field(
         "mask", description="mask: block-diagonal 4-D mask (CPU/SDPA); position_ids: flash-attention varlen."
     )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (demo, tests).")
-    checkpoint_every_steps: int = Field(0, ge=0, description="0: only at the end.")
+    checkpoint_every_steps: int = Field(200, ge=0, description="Optimizer steps between checkpoints, so a restart "
+                                        "(max_failures) loses at most this many steps; 0: only at the end.")
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Ray Train restarts from the latest checkpoint this often.")
     seed: int = 0
@@ -438,7 +478,7 @@ class Config(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _evaluation_has_what_it_names(self) -> "Config":
+    def _evaluation_has_what_it_names(self) -> Config:
         if self.evaluate is None:
             return self
         served = [c.name for c in self.evaluate.candidates if c.served]

@@ -14,9 +14,11 @@ import time
 
 from asclepius.cluster import init_ray
 from asclepius.config import Config, TeacherConfig
+from asclepius.console import shown
+from asclepius.evaluate.stage import STAGE as EVALUATE
+from asclepius.fits import check_fits
 from asclepius.generate.answers import STAGE as ANSWERS
 from asclepius.generate.importing import STAGE as IMPORT
-from asclepius.evaluate.stage import STAGE as EVALUATE
 from asclepius.generate.questions import EVAL_STAGE as EVAL_QUESTIONS
 from asclepius.generate.questions import STAGE as QUESTIONS
 from asclepius.generate.split import STAGE as SPLIT
@@ -92,10 +94,12 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
         raise ValueError(f"unknown stage(s) {unknown}; stages: {STAGE_ORDER}")
     started = time.time()
     init_ray(cfg.ray)
+    selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
+    if cfg.ray.check_fits:  # a stage that cannot be placed would leave the job pending forever: stop before any work
+        check_fits(cfg, [s.name for s in selected])
     run = RunDir.open(cfg.run_dir)
     served = ServedApp(cfg, run) if cfg.serve is not None else None
     teacher = TeacherSource(cfg, served)
-    selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
     extra = {"served": served, "served_url": lambda: served.url(with_run_models=True) if served else _no_serve(),
              "keep_app": any(s.name == "evaluate" for s in selected)}  # fmt: skip
     results = {}
@@ -106,14 +110,14 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
             t = time.time()
             entry = run_stage(stage, cfg, run, force=force, teacher=teacher if stage.name in TEACHER_STAGES else None, extra=extra)
             if entry.get("skipped"):
-                log.info("%s: up to date, skipped", stage.name)
+                shown(log, "%s: up to date, skipped", stage.name)
             elif stage.summary:
-                log.info("%s", stage.summary(entry))
+                shown(log, "%s", stage.summary(entry))
             results[stage.name] = {**entry, "wall_seconds": round(time.time() - t, 2)}
     finally:
         if served is not None and not cfg.serve.keep_running:
             served.release()
-    log.info("pipeline: %d stage(s) done in %.1f s; run directory %s", len(results), time.time() - started, cfg.run_dir)
+    shown(log, "pipeline: %d stage(s) done in %.1f s; run directory %s", len(results), time.time() - started, cfg.run_dir)
     return results
 
 

@@ -32,12 +32,15 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from asclepius import metrics
 
 log = logging.getLogger("asclepius")
 
@@ -78,7 +81,7 @@ class RunDir:
     uri: str  # what the user gave, for messages
 
     @classmethod
-    def open(cls, uri: str) -> "RunDir":
+    def open(cls, uri: str) -> RunDir:
         fs, root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), _abspath(uri))
         root = root.rstrip("/") or "/"
         fs.create_dir(root, recursive=True)
@@ -208,7 +211,7 @@ class Stage:
     """A stage's declaration; `run_stage` applies the contract to it."""
 
     name: str
-    work: Callable[["StageRun"], dict]  # the stage's logic: writes its outputs under ctx.output(...), returns counts
+    work: Callable[[StageRun], dict]  # the stage's logic: writes its outputs under ctx.output(...), returns counts
     sections: tuple[str, ...] = ()  # config sections whose values decide the output ("seed" for the top-level seed)
     upstream: tuple[str, ...] = ()  # stages whose published outputs it reads
     outputs: tuple[str, ...] = ()  # run-directory folders it publishes
@@ -305,6 +308,8 @@ def stage_status(stage: Stage, cfg, run: RunDir, inputs: dict | None = None) -> 
     for folder, listing in (entry.get("outputs") or {}).items():
         if run.listing(folder) != listing:
             reasons.append(f"output {folder}/ differs from what was recorded")
+    if entry.get("incomplete_rows"):  # rows whose retryable errors ran out of attempts: a rerun retries them (only)
+        reasons.append(f"{entry['incomplete_rows']} rows failed with retryable errors")
     return StageStatus(stage.name, "stale" if reasons else "complete", reasons, entry)
 
 
@@ -344,6 +349,7 @@ def run_stage(stage: Stage, cfg, run: RunDir, force: bool = False, teacher=None,
     }  # fmt: skip
     run.record_stage(stage.name, entry)
     run.delete_dir(run.path(STAGING, stage.name))
+    metrics.stage_rows(stage.name, entry.get("counts") or entry.get("totals"))
     return entry
 
 

@@ -15,6 +15,13 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from asclepius.testing.server_process import free_port
+
+        # our own instance even if the machine runs a Ray cluster (a bare init would attach to it); its node serves
+        # the Prometheus metrics on a port of its own (tests/test_metrics.py scrapes it)
+        port = free_port()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+        os.environ["ASCLEPIUS_TEST_METRICS_PORT"] = str(port)
     yield ray
     ray.shutdown()
+

@@ -70,3 +70,12 @@ def test_stage_hash_tracks_only_its_section():
     base = config_from_dict(MINIMAL)
     assert base.stage_hash("notes") == config_from_dict(MINIMAL, ["pretrain.lr=1e-3"]).stage_hash("notes")
     assert base.stage_hash("notes") != config_from_dict(MINIMAL, ["notes.min_chars=50"]).stage_hash("notes")
+
+
+def test_the_configuration_reference_is_current():
+    from asclepius.config_doc import reference
+
+    doc = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert doc == reference(), "docs/configuration.md is stale: python -m asclepius.config_doc > docs/configuration.md"
+    for field in ("rate_accounting", "batch_zero_retention_agreement", "global_batch_unit", "guided_choice", "credentialed"):
+        assert f"`{field}`" in doc

@@ -38,7 +38,15 @@ from asclepius.evaluate.judge import LABELS, agent_order, judge_prompt, parse_sc
 from asclepius.recipe import load_recipe
 from asclepius.run import Stage, StageRun, file_fingerprint, stable_fraction
 from asclepius.teacher.client import endpoint_id, token_counter
-from asclepius.teacher.ray_data import ask_rows, guard_privacy, ledger_dir, teacher_identity, teacher_totals, user_messages
+from asclepius.teacher.ray_data import (
+    ask_rows,
+    guard_privacy,
+    ledger_dir,
+    spent_so_far,
+    teacher_identity,
+    teacher_totals,
+    user_messages,
+)
 
 log = logging.getLogger("asclepius.evaluate")
 ORDERS = ("forward", "reversed")
@@ -118,7 +126,8 @@ def collect_answers(ctx: StageRun, items: pd.DataFrame, answer_columns: dict) ->
             continue
         endpoint = candidate_endpoint(c, ctx)
         guard_privacy(endpoint, items)
-        out = ask_rows(endpoint, f"evaluate-{c.name}", answer_requests(cfg, items, c), ledger_dir(cfg, ctx.run, f"evaluate/{c.name}"))
+        out = ask_rows(endpoint, f"evaluate-{c.name}", answer_requests(cfg, items, c), ledger_dir(cfg, ctx.run, f"evaluate/{c.name}"),
+                       spent_usd=spent_so_far(ctx.run) + sum(v.get("cost_usd_this_run", 0) for v in costs.values()))  # fmt: skip
         answers[c.name], errors[c.name] = {}, {}
         for r in out.itertuples():
             text = (r.response or "").strip() if r.status == "ok" else ""
@@ -171,7 +180,7 @@ def run_judge(ctx: StageRun, judge: TeacherConfig, rows: pd.DataFrame) -> tuple[
     for attempt in range(ec.judge.max_reasks + 1):
         if pending.empty:
             break
-        out = ask_rows(judge, "evaluate-judge", pending, directory)
+        out = ask_rows(judge, "evaluate-judge", pending, directory, spent_usd=spent_so_far(ctx.run))
         rounds.append(teacher_totals(out))
         retry = []
         for r in out.to_dict(orient="records"):
@@ -247,7 +256,7 @@ def evaluate(ctx: StageRun) -> dict:
     counter = token_counter(judge)
     lengths = {m: (sum(counter.count_text(a) for a in answers[m].values()) / len(answers[m])) if answers[m] else None for m in names}
     report_counts = {
-        "items": int(len(items)), "judgements": int(len(judged)), "unscored": counts["unscored"], "reasked": counts["reasked"],
+        "items": len(items), "judgements": len(judged), "unscored": counts["unscored"], "reasked": counts["reasked"],
         "missing_answers": {m: len(errors.get(m, {})) for m in names}, "dropped": {k: v for k, v in dropped.items() if v},
         "unscored_by_model": {m: int(((scores.model == m) & scores.score.isna() & (scores.order != "no answer")).sum()) for m in names},
     }  # fmt: skip

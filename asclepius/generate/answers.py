@@ -21,7 +21,15 @@ from asclepius.generate.postprocess import compile_filter, instruction_drop_reas
 from asclepius.generate.prompts import answer_prompt
 from asclepius.run import Stage, StageRun
 from asclepius.teacher.client import token_counter
-from asclepius.teacher.ray_data import ask_rows, guard_privacy, ledger_dir, teacher_identity, teacher_totals, user_messages
+from asclepius.teacher.ray_data import (
+    ask_rows,
+    guard_privacy,
+    ledger_dir,
+    spent_so_far,
+    teacher_identity,
+    teacher_totals,
+    user_messages,
+)
 
 TABLE_COLUMNS = INSTRUCTION_COLUMNS + ["note_sha1", "credentialed"]
 
@@ -49,7 +57,7 @@ def answers(ctx: StageRun) -> dict:
                 "max_tokens": ac.max_tokens, "temperature": ac.temperature, "sample_index": r.note_id,
                 "seed": request_seed(cfg, "answers", r.note_id),
             })  # fmt: skip
-    out = ask_rows(teacher, "answers", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "answers")) if rows else pd.DataFrame()
+    out = ask_rows(teacher, "answers", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "answers"), spent_usd=spent_so_far(ctx.run)) if rows else pd.DataFrame()
     regex = compile_filter(ac.filter_regex)
     kept = []
     for r in out.itertuples() if len(out) else []:
@@ -64,7 +72,8 @@ def answers(ctx: StageRun) -> dict:
         kept.append({"note": r.note, "question": r.question, "answer": answer, "task": r.task, "note_id": r.note_id,
                      "source": r.source, "note_sha1": r.note_sha1, "credentialed": bool(r.credentialed)})  # fmt: skip
     entry = publish_instructions(ctx, pd.DataFrame(kept, columns=TABLE_COLUMNS), counts, export_json=ac.export_recipe_json)
-    return {**entry, "teacher": teacher_totals(out), "seconds": round(time.time() - started, 2)}
+    totals = teacher_totals(out)
+    return {**entry, "teacher": totals, "incomplete_rows": totals.get("retryable_failures", 0), "seconds": round(time.time() - started, 2)}
 
 
 def publish_instructions(ctx: StageRun, table: pd.DataFrame, counts: Counter, export_json: bool) -> dict:

@@ -85,6 +85,21 @@ class TaskPool:
         return True, score
 
 
+def recorded_plans(journal_dir: str) -> dict[str, dict]:
+    """The example plans a journal already holds (note id → plan): a resumed stage prices those notes' requests
+    with their exact prompts, so what the ledger answers is not counted (or paid) again."""
+    path = os.path.join(journal_dir, "journal.jsonl")
+    plans: dict[str, dict] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.endswith("\n"):
+                    rec = json.loads(line)
+                    if rec["kind"] == "plan":
+                        plans[rec["note_id"]] = rec
+    return plans
+
+
 class QuestionPool:
     """All tasks' pools, the per-note example plans, and the journal that makes both survive a restart."""
 

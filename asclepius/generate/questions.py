@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -21,14 +22,23 @@ import ray
 
 from asclepius.config import Config
 from asclepius.generate.common import count_drop, fit, format_summary, reply_drop_reason, request_seed
-from asclepius.generate.pool import QuestionPool
+from asclepius.generate.pool import QuestionPool, recorded_plans
 from asclepius.generate.postprocess import clean_question
 from asclepius.generate.prompts import question_prompt, task_for
 from asclepius.generate.split import held_out_notes
 from asclepius.run import RunDir, Stage, StageRun
 from asclepius.teacher.client import token_counter
-from asclepius.teacher.ray_data import ask_rows, guard_privacy, ledger_dir, teacher_identity, teacher_totals, user_messages
+from asclepius.teacher.ray_data import (
+    ask_rows,
+    guard_privacy,
+    ledger_dir,
+    spent_so_far,
+    teacher_identity,
+    teacher_totals,
+    user_messages,
+)
 
+log = logging.getLogger("asclepius.generate")
 COLUMNS = ["note_id", "source", "note_sha1", "credentialed", "task", "note", "note_truncated", "question",
            "question_outcome", "examples", "pool_examples_used", "pool_size_at_prompt", "accepted_in_pool", "max_rouge_l"]  # fmt: skip
 
@@ -56,19 +66,53 @@ class QuestionHooks:
         self.template = template
 
     async def before(self, row: dict) -> dict:
-        plan = await self.pool.examples.remote(row["note_id"], row["task"])
-        content = question_prompt(self.template, row["task"], row["note"], plan["examples"])
-        return {"messages": user_messages(content), "examples": json.dumps(plan["examples"]),
-                "pool_examples_used": len(plan["pool_indices"]), "pool_size_at_prompt": plan["pool_size"]}  # fmt: skip
+        return prompt_fields(self.template, row, await self.pool.examples.remote(row["note_id"], row["task"]))
 
     async def after(self, row: dict, outcome) -> dict:
-        question, q_outcome = clean_question(outcome.text if outcome.status == "ok" else None)
-        fields = {"question": question, "question_outcome": q_outcome if outcome.status == "ok" else "teacher_error",
-                  "accepted_in_pool": None, "max_rouge_l": None}  # fmt: skip
-        if question and (outcome.finish_reason != "length" or question.endswith("?")):
-            decision = await self.pool.offer.remote(row["note_id"], row["task"], question)
+        fields = reply_fields(outcome.text if outcome.status == "ok" else None, outcome.status, outcome.finish_reason)
+        if fields["offer"]:
+            decision = await self.pool.offer.remote(row["note_id"], row["task"], fields["question"])
             fields.update(accepted_in_pool=decision["accepted"], max_rouge_l=decision["rouge_l"])
+        del fields["offer"]
         return fields
+
+
+def prompt_fields(template: str, row: dict, plan: dict) -> dict:
+    """A note's question prompt with the examples its plan chose (the pool as it was then)."""
+    content = question_prompt(template, row["task"], row["note"], plan["examples"])
+    return {"messages": user_messages(content), "examples": json.dumps(plan["examples"]),
+            "pool_examples_used": len(plan["pool_indices"]), "pool_size_at_prompt": plan["pool_size"]}  # fmt: skip
+
+
+def reply_fields(text: str | None, status: str, finish_reason: str | None) -> dict:
+    """The question in a reply, and whether to offer it to the pool (a complete one only)."""
+    question, q_outcome = clean_question(text)
+    complete = bool(question) and (finish_reason != "length" or question.endswith("?"))
+    return {"question": question, "question_outcome": q_outcome if status == "ok" else "teacher_error", "accepted_in_pool": None,
+            "max_rouge_l": None, "offer": complete}  # fmt: skip
+
+
+def ask_in_waves(cfg: Config, teacher, rows: list[dict], directory: str, pool, stage: str, spent_usd: float) -> pd.DataFrame:
+    """Batch mode: the pool needs the questions before it, so the notes go in waves of `batch_wave_size` — one
+    batch each, the pool updated between waves (a wave's prompts see the pool as it was when the wave began)."""
+    frames = []
+    size = teacher.batch_wave_size
+    for i in range(0, len(rows), size):
+        wave = [dict(r) for r in rows[i : i + size]]
+        plans = ray.get([pool.examples.remote(r["note_id"], r["task"]) for r in wave])
+        wave = [{**r, **prompt_fields(cfg.questions.prompt, r, plan)} for r, plan in zip(wave, plans)]
+        out = ask_rows(teacher, stage, pd.DataFrame(wave), directory, spent_usd=spent_usd)
+        extra = []
+        for r in out.to_dict(orient="records"):
+            fields = reply_fields(r["response"] if r["status"] == "ok" else None, r["status"], r["finish_reason"])
+            if fields["offer"]:
+                decision = ray.get(pool.offer.remote(r["note_id"], r["task"], fields["question"]))
+                fields.update(accepted_in_pool=decision["accepted"], max_rouge_l=decision["rouge_l"])
+            del fields["offer"]
+            extra.append(fields)
+        frames.append(pd.concat([out.reset_index(drop=True), pd.DataFrame(extra)], axis=1))
+        log.info("teacher %s: wave %d of %d done", stage, i // size + 1, -(-len(rows) // size))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _rejected(accepted) -> bool:
@@ -90,9 +134,11 @@ def question_notes(cfg: Config, run: RunDir) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sort_values("note_id") if frames else pd.DataFrame(columns=cols)
 
 
-def question_requests(cfg: Config, notes: pd.DataFrame, counter, counts: Counter, stage: str = "questions") -> list[dict]:
-    """One request row per note: the task drawn for it, the note fitted to the context. The prompt is an estimate
-    (seed examples only); the real one is built when the request is sent, with pool examples."""
+def question_requests(cfg: Config, notes: pd.DataFrame, counter, counts: Counter, stage: str = "questions",
+                      plans: dict | None = None) -> list[dict]:  # fmt: skip
+    """One request row per note: the task drawn for it, the note fitted to the context. The prompt is the one the
+    journal recorded for the note (a resumed stage), else an estimate (seed examples only) — the real one is built
+    when the request is sent, with the pool's examples as they are then."""
     qc = cfg.questions
     tasks = [t.task for t in qc.tasks]
     budget = qc.context_tokens - qc.max_tokens - 160  # an allowance for the pool's examples
@@ -106,27 +152,36 @@ def question_requests(cfg: Config, notes: pd.DataFrame, counter, counts: Counter
             counts["dropped:too_long"] += 1
             continue
         counts["note_truncated"] += truncated
+        plan = (plans or {}).get(r.note_id)
+        prompt = question_prompt(qc.prompt, task, fitted, plan["examples"]) if plan and plan["task"] == task else render(fitted)
         rows.append({
             "note_id": r.note_id, "source": r.source, "note_sha1": r.text_sha1, "credentialed": bool(r.credentialed),
-            "task": task, "note": fitted, "note_truncated": truncated, "messages": user_messages(render(fitted)),
+            "task": task, "note": fitted, "note_truncated": truncated, "messages": user_messages(prompt),
             "max_tokens": qc.max_tokens, "temperature": qc.temperature, "sample_index": r.note_id,
             "seed": request_seed(cfg, stage, r.note_id),
         })  # fmt: skip
     return rows
 
 
-def ask_questions(cfg: Config, teacher, rows: list[dict], directory: str, journal_key: str, stage: str = "questions"):
+def journal_dir(directory: str, journal_key: str) -> str:
+    return os.path.join(directory + "_pool", journal_key)
+
+
+def ask_questions(cfg: Config, teacher, rows: list[dict], directory: str, journal_key: str, stage: str = "questions", spent_usd: float = 0.0):
     """Send the question requests through the bootstrapping pool; returns (replies, pool statistics)."""
     qc = cfg.questions
-    journal = os.path.join(directory + "_pool", journal_key)
+    journal = journal_dir(directory, journal_key)
     pool_name = f"asclepius-question-pool-{hashlib.sha256(journal.encode()).hexdigest()[:12]}"
     pool = QuestionPoolActor.options(name=pool_name, namespace="asclepius", get_if_exists=True).remote(
         tasks={t.task: t.seed_questions for t in qc.tasks}, threshold=qc.similarity_threshold,
         seed_examples=qc.seed_examples, pool_examples=qc.pool_examples, seed=cfg.seed, journal_dir=journal,
     )  # fmt: skip
     try:
-        hooks = functools.partial(QuestionHooks, pool_name=pool_name, template=qc.prompt)
-        out = ask_rows(teacher, stage, pd.DataFrame(rows), directory, hooks=hooks)
+        if teacher.mode == "batch":
+            out = ask_in_waves(cfg, teacher, rows, directory, pool, stage, spent_usd)
+        else:
+            hooks = functools.partial(QuestionHooks, pool_name=pool_name, template=qc.prompt)
+            out = ask_rows(teacher, stage, pd.DataFrame(rows), directory, hooks=hooks, spent_usd=spent_usd)
         return out, ray.get(pool.stats.remote())
     finally:
         ray.kill(pool)
@@ -156,10 +211,11 @@ def questions(ctx: StageRun) -> dict:
     rows = []
     if teacher is not None:
         guard_privacy(teacher, notes)
-        rows = question_requests(cfg, notes, token_counter(teacher), counts)
+        plans = recorded_plans(journal_dir(ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash))
+        rows = question_requests(cfg, notes, token_counter(teacher), counts, plans=plans)
     out, pool_stats = pd.DataFrame(), {}
     if rows:
-        out, pool_stats = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash)
+        out, pool_stats = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash, spent_usd=spent_so_far(ctx.run))
     kept = []
     for r in _cleaned(out, counts):
         if _rejected(r.accepted_in_pool) and qc.drop_similar:
@@ -172,8 +228,9 @@ def questions(ctx: StageRun) -> dict:
     table = pd.DataFrame(kept)[COLUMNS] if kept else pd.DataFrame(columns=COLUMNS)
     counts["kept"] = len(table)
     ctx.run.write_frame(ctx.output("questions"), table, "questions.parquet")
-    return {"counts": dict(counts), "tasks": {str(k): int(v) for k, v in table.task.value_counts().items()},
-            "similarity": pool_stats, "teacher": teacher_totals(out), "seconds": round(time.time() - started, 2)}  # fmt: skip
+    totals = teacher_totals(out)
+    return {"counts": dict(counts), "tasks": {str(k): int(v) for k, v in table.task.value_counts().items()}, "similarity": pool_stats,
+            "teacher": totals, "incomplete_rows": totals.get("retryable_failures", 0), "seconds": round(time.time() - started, 2)}  # fmt: skip
 
 
 def _identity(cfg):
@@ -210,16 +267,19 @@ def eval_questions(ctx: StageRun) -> dict:
     rows = []
     if teacher is not None:
         guard_privacy(teacher, notes)
-        rows = question_requests(cfg, notes, token_counter(teacher), counts, stage="eval_questions")
+        plans = recorded_plans(journal_dir(ledger_dir(cfg, ctx.run, "eval_questions"), ctx.config_hash))
+        rows = question_requests(cfg, notes, token_counter(teacher), counts, stage="eval_questions", plans=plans)
     out = pd.DataFrame()
     if rows:
-        out, _ = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "eval_questions"), ctx.config_hash, stage="eval_questions")
+        out, _ = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "eval_questions"), ctx.config_hash, stage="eval_questions",
+                               spent_usd=spent_so_far(ctx.run))  # fmt: skip
     kept = [{c: getattr(r, c) for c in EVAL_COLUMNS} for r in _cleaned(out, counts)]
     table = pd.DataFrame(kept, columns=EVAL_COLUMNS)
     counts["kept"] = len(table)
     ctx.run.write_frame(ctx.output("eval_questions"), table, "eval_questions.parquet")
+    totals = teacher_totals(out)
     return {"counts": dict(counts), "tasks": {str(k): int(v) for k, v in table.task.value_counts().items()},
-            "teacher": teacher_totals(out), "seconds": round(time.time() - started, 2)}  # fmt: skip
+            "teacher": totals, "incomplete_rows": totals.get("retryable_failures", 0), "seconds": round(time.time() - started, 2)}  # fmt: skip
 
 
 def _eval_identity(cfg):

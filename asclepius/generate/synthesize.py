@@ -16,7 +16,15 @@ from asclepius.generate.common import count_drop, fit, format_summary, reply_dro
 from asclepius.generate.prompts import synthesis_prompt
 from asclepius.run import Stage, StageRun
 from asclepius.teacher.client import token_counter
-from asclepius.teacher.ray_data import ask_rows, guard_privacy, ledger_dir, teacher_identity, teacher_totals, user_messages
+from asclepius.teacher.ray_data import (
+    ask_rows,
+    guard_privacy,
+    ledger_dir,
+    spent_so_far,
+    teacher_identity,
+    teacher_totals,
+    user_messages,
+)
 
 COLUMNS = ["note_id", "source", "case_report_id", "text", "text_sha1", "credentialed", "finish_reason",
            "input_truncated", "prompt_tokens", "completion_tokens"]  # fmt: skip
@@ -57,7 +65,7 @@ def synthesize(ctx: StageRun) -> dict:
                 "temperature": sc.temperature, "sample_index": r.note_id, "seed": request_seed(cfg, "synthesize", r.note_id),
             })  # fmt: skip
             counts["input_truncated"] += truncated
-    out = ask_rows(teacher, "synthesize", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "synthesize")) if rows else pd.DataFrame()
+    out = ask_rows(teacher, "synthesize", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "synthesize"), spent_usd=spent_so_far(ctx.run)) if rows else pd.DataFrame()
     kept = []
     for r in out.itertuples() if len(out) else []:
         text = (r.response or "").strip() if r.status == "ok" else ""
@@ -70,7 +78,8 @@ def synthesize(ctx: StageRun) -> dict:
         })  # fmt: skip
     counts["kept"] = len(kept)
     ctx.run.write_frame(ctx.output("synthetic_notes"), pd.DataFrame(kept, columns=COLUMNS), "synthetic_notes.parquet")
-    return {"counts": dict(counts), "teacher": teacher_totals(out), "seconds": round(time.time() - started, 2)}
+    totals = teacher_totals(out)
+    return {"counts": dict(counts), "teacher": totals, "incomplete_rows": totals.get("retryable_failures", 0), "seconds": round(time.time() - started, 2)}
 
 
 STAGE = Stage(

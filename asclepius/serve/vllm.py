@@ -15,7 +15,7 @@ from asclepius.models import resolve_model_source
 
 
 def llm_config(model, resolve_sources: bool = True) -> dict:
-    deployment: dict = {"max_ongoing_requests": model.max_ongoing_requests}
+    deployment: dict = {"max_ongoing_requests": model.max_batch_size + model.max_queued_requests}
     if model.autoscaling:
         deployment["autoscaling_config"] = model.autoscaling.model_dump()
     else:

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import openai
 
+from asclepius import metrics
 from asclepius.config import TeacherConfig
 from asclepius.teacher.cost import TokenCounter, cost_usd, price_for
 from asclepius.teacher.ledger import Ledger, LedgerScan, request_key
@@ -42,13 +43,32 @@ class PrivacyError(PermissionError):
     pass
 
 
+class TeacherAuthError(PermissionError):
+    """401/403: no row can succeed with this key; the stage stops instead of recording every row as failed."""
+
+
 # ----------------------------------------------------------------------------------------------- endpoint
 def endpoint_id(cfg: TeacherConfig) -> str:
+    """Where requests go (the limiter is per endpoint: a quota belongs to an address)."""
     if cfg.provider == "azure":
         return f"azure:{cfg.azure_endpoint}/{cfg.azure_deployment}"
     if cfg.provider == "openai_compatible":
         return f"compatible:{cfg.base_url}"
     return f"openai:{cfg.base_url or 'https://api.openai.com/v1'}"
+
+
+def key_identity(cfg: TeacherConfig) -> str:
+    """What a request's ledger key says about who answers: the model (and for Azure its deployment), not the host —
+    the same model moved to another address is not asked (and paid) again — unless `key_includes_endpoint`."""
+    if cfg.key_includes_endpoint:
+        return endpoint_id(cfg)
+    if cfg.provider == "azure":
+        return f"azure-deployment:{cfg.azure_deployment}"
+    return f"{'openai' if cfg.provider == 'openai' else 'compatible'}-model"
+
+
+def default_api_key_env(cfg: TeacherConfig) -> str | None:
+    return cfg.api_key_env or {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY"}.get(cfg.provider)
 
 
 def is_public_openai(cfg: TeacherConfig) -> bool:
@@ -83,6 +103,17 @@ def check_privacy(cfg: TeacherConfig, credentialed_rows: int, sources: set[str] 
     )
 
 
+def check_batch_privacy(cfg: TeacherConfig, credentialed_rows: int) -> None:
+    """Batch files stay with the provider (input and output, for days): credentialed notes only under a
+    zero-retention agreement, whatever the provider."""
+    if cfg.mode == "batch" and credentialed_rows and not cfg.batch_zero_retention_agreement:
+        raise PrivacyError(
+            f"refusing to put {credentialed_rows} rows of credentialed provenance in Batch API files: the provider keeps "
+            "batch input and output files, which PhysioNet's data use agreement does not allow. Use online mode, or set "
+            "teacher.batch_zero_retention_agreement=true only under a zero-data-retention agreement with the provider."
+        )
+
+
 def read_api_key(cfg: TeacherConfig) -> str:
     if cfg.api_key_file:
         try:
@@ -93,13 +124,14 @@ def read_api_key(cfg: TeacherConfig) -> str:
         if not key:
             raise TeacherConfigError(f"teacher.api_key_file: {cfg.api_key_file} is empty")
         return key
-    key = os.environ.get(cfg.api_key_env or "", "")
+    env = default_api_key_env(cfg)
+    key = os.environ.get(env or "", "")
     if key:
         return key
-    if cfg.provider == "openai_compatible":
-        return "EMPTY"  # self-hosted servers without auth still need a non-empty string for the client
+    if cfg.provider == "openai_compatible" and not cfg.api_key_env:
+        return "EMPTY"  # a self-hosted server without auth (the openai client needs a non-empty string)
     raise TeacherConfigError(
-        f"no API key: set the environment variable {cfg.api_key_env} (teacher.api_key_env) or teacher.api_key_file"
+        f"no API key: set the environment variable {env} (teacher.api_key_env) or teacher.api_key_file"
     )
 
 
@@ -132,11 +164,14 @@ class LocalLimiter:
     def __init__(self, limiter: RateLimiter):
         self.limiter = limiter
 
-    async def reserve(self, tokens: int) -> tuple[int, float]:
-        return self.limiter.reserve(tokens)
+    async def reserve(self, tokens: int, completion_tokens: int | None = None) -> tuple[int, float]:
+        return self.limiter.reserve(tokens, completion_tokens)
 
-    async def settle(self, ticket, prompt_tokens, completion_tokens, cost=0.0):
-        self.limiter.settle(ticket, prompt_tokens, completion_tokens, cost)
+    async def settle(self, ticket, prompt_tokens, completion_tokens, cost=0.0, max_tokens=None):
+        self.limiter.settle(ticket, prompt_tokens, completion_tokens, cost, max_tokens)
+
+    async def finished(self, ok: bool):
+        self.limiter.finished(ok)
 
     async def release(self, ticket):
         self.limiter.release(ticket)
@@ -154,11 +189,14 @@ class ActorLimiter:
     def __init__(self, actor):
         self.actor = actor
 
-    async def reserve(self, tokens):
-        return await self.actor.reserve.remote(tokens)
+    async def reserve(self, tokens, completion_tokens=None):
+        return await self.actor.reserve.remote(tokens, completion_tokens)
 
-    async def settle(self, ticket, prompt_tokens, completion_tokens, cost=0.0):
-        await self.actor.settle.remote(ticket, prompt_tokens, completion_tokens, cost)
+    async def settle(self, ticket, prompt_tokens, completion_tokens, cost=0.0, max_tokens=None):
+        await self.actor.settle.remote(ticket, prompt_tokens, completion_tokens, cost, max_tokens)
+
+    async def finished(self, ok: bool):
+        await self.actor.finished.remote(ok)
 
     async def release(self, ticket):
         await self.actor.release.remote(ticket)
@@ -228,7 +266,7 @@ class ChatOutcome:
         return rec
 
     @classmethod
-    def from_record(cls, rec: dict) -> "ChatOutcome":
+    def from_record(cls, rec: dict) -> ChatOutcome:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in rec.items() if k in names}, cached=True)
 
@@ -255,7 +293,7 @@ class TeacherClient:
         self.finished = (finished or (ledger.scan() if ledger else None))
         self.client = client or make_openai_client(cfg)
         self.counter = token_counter(cfg)
-        self.endpoint = endpoint_id(cfg)
+        self.endpoint = key_identity(cfg)
         self.price = price_for(cfg.model, {k: (p.prompt_per_1m, p.completion_per_1m) for k, p in cfg.prices.items()}, is_self_hosted(cfg))
 
     async def aclose(self) -> None:
@@ -315,7 +353,7 @@ class TeacherClient:
         outcome = ChatOutcome(key=key, status="error")
         for attempt in range(1, self.cfg.max_attempts + 1):
             outcome.attempts = attempt
-            ticket, delay = await self.limiter.reserve(tokens)
+            ticket, delay = await self.limiter.reserve(tokens, req.max_tokens * req.n)
             if delay > 0:
                 await asyncio.sleep(delay)
             status, headers, retry_after = None, {}, None
@@ -325,8 +363,9 @@ class TeacherClient:
                 outcome.prompt_tokens, outcome.completion_tokens = prompt_tokens, completion_tokens
                 outcome.cost_usd = cost_usd(outcome.prompt_tokens or 0, outcome.completion_tokens or 0, self.price)
                 outcome.status, outcome.http_status, outcome.error, outcome.retryable = "ok", status, None, False
-                await self.limiter.settle(ticket, outcome.prompt_tokens, outcome.completion_tokens, outcome.cost_usd)
+                await self.limiter.settle(ticket, outcome.prompt_tokens, outcome.completion_tokens, outcome.cost_usd, req.max_tokens * req.n)
                 await self.limiter.feedback(status, headers, False)
+                metrics.teacher_request(req.stage, "ok", prompt_tokens, completion_tokens, outcome.cost_usd)
                 break
             except openai.APIStatusError as err:
                 status, headers = err.status_code, dict(err.response.headers)
@@ -343,10 +382,15 @@ class TeacherClient:
             retrying = outcome.retryable and attempt < self.cfg.max_attempts
             await self.limiter.release(ticket)
             await self.limiter.feedback(status, headers, retrying)
+            metrics.teacher_request(req.stage, str(status) if status else outcome.error, retrying=retrying)
             log.info("teacher %s key=%s attempt %d: %s%s", req.stage, key[:12], attempt, outcome.error, ", retrying" if retrying else "")
+            if status in (401, 403):  # the key is wrong for every row: stop the stage, journal nothing
+                raise TeacherAuthError(f"teacher {self.cfg.model} at {endpoint_id(self.cfg)} refused the API key ({outcome.error}); "
+                                       f"check teacher.api_key_env / api_key_file")  # fmt: skip
             if not retrying:
                 break
             await asyncio.sleep(self._backoff(attempt, retry_after))
+        await self.limiter.finished(outcome.status == "ok")
         if self.ledger is not None:
             self.ledger.append(outcome.record())  # durable before it counts
         return outcome

@@ -9,9 +9,17 @@ it. How a request is scheduled:
    over 1–10 s windows). A small tolerance lets a request go up to `burst_s` early.
 2. The 60 s window, exactly: a log of granted (time, requests, tokens) makes sure no 60 s window ever holds more
    than `safety` × the limit, counting reservations at their worst case until their usage is known.
-3. Feedback: unused tokens are refunded when the response's usage arrives; `x-ratelimit-remaining-*` headers
-   lower our view when the server counts more than we do (other clients on the same quota); `retry-after` pauses
-   everyone; a 429 lowers the rate (× `backoff_factor`) and each success creeps it back up.
+3. Accounting, as the provider counts (`accounting`):
+   - `reserved` (the default, and the safe one): a request counts prompt + max_tokens for its whole window, used
+     or not. OpenAI and Azure OpenAI reserve prompt + max_tokens when a request arrives (Azure documents that the
+     reservation is held at least until the request finishes), so refunding unused tokens overshoots their
+     window and draws 429s. The response's usage can only raise the count (a longer prompt than we estimated).
+   - `reserved_then_trued_up`: reserved until the response, then counted at its actual usage.
+   - `usage`: counted at what it is expected to use (the completions seen so far), then at its actual usage —
+     for servers that count used tokens only.
+4. Feedback: `x-ratelimit-remaining-*` headers calibrate our view at run time when the server counts more than we
+   do (its own accounting, other clients on the quota); `retry-after` pauses everyone; a 429 lowers the rate
+   (× `backoff_factor`) and each success creeps it back up.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dataclasses import dataclass, field
 import ray
 
 WINDOW_S = 60.0
+ACCOUNTING = ("reserved", "reserved_then_trued_up", "usage")
 
 
 @dataclass
@@ -40,6 +49,8 @@ class _Grant:
 class LimiterStats:
     granted: int = 0
     settled: int = 0
+    finished: int = 0  # requests done (answered or failed for good), whatever their attempts
+    failed: int = 0
     tokens_reserved: int = 0
     tokens_used: int = 0
     prompt_tokens: int = 0
@@ -63,8 +74,13 @@ class RateLimiter:
         min_rate_factor: float = 0.1,
         recovery_per_success: float = 0.01,
         window_s: float = WINDOW_S,
+        accounting: str = "reserved",
         clock=time.monotonic,
     ):
+        if accounting not in ACCOUNTING:
+            raise ValueError(f"accounting must be one of {ACCOUNTING}")
+        self.accounting = accounting
+        self._completion_ratio = 1.0  # used / max_tokens of completions seen (for `usage` accounting)
         if requests_per_minute <= 0 or tokens_per_minute <= 0:
             raise ValueError("rate limits must be positive")
         self.rpm = requests_per_minute
@@ -96,8 +112,12 @@ class RateLimiter:
     def _cap_tokens(self) -> float:
         return self.tpm * self.safety
 
-    def reserve(self, tokens: int) -> tuple[int, float]:
-        """Reserve one request of up to `tokens` tokens; returns (ticket, seconds to wait before sending)."""
+    def reserve(self, tokens: int, completion_tokens: int | None = None) -> tuple[int, float]:
+        """Reserve one request of up to `tokens` tokens (prompt + max_tokens, of which `completion_tokens` are
+        max_tokens); returns (ticket, seconds to wait before sending)."""
+        if self.accounting == "usage" and completion_tokens:
+            # count what such requests are seen to use; their actual usage replaces it when they are answered
+            tokens -= int(completion_tokens * (1 - min(1.0, 1.2 * self._completion_ratio)))
         if tokens > self._cap_tokens():
             raise ValueError(f"a request of {tokens} tokens can never fit a limit of {self.tpm:.0f} tokens/min")
         now = self.clock()
@@ -157,16 +177,25 @@ class RateLimiter:
     def _fit_window(self, start: float, tokens: int) -> float:
         """The earliest time ≥ start at which the 60 s window ending then has room for this request.
 
-        Every logged grant starts at or before `start` (grants are issued in order), so the window (start-60, start]
-        holds exactly the log after pruning."""
+        Every logged grant starts at or before `start` (grants are issued in order). The log is pruned only up to
+        now − 60 s — a grant that has left the window of a future `start` still counts in the provider's window
+        now (the progress line reads tokens/min from it) — so the grants between are skipped here."""
+        self._prune(self.clock() - self.window_s)
         while True:
-            self._prune(start - self.window_s)
-            if self._log_requests + 1 <= self._cap_requests() and self._log_tokens + tokens <= self._cap_tokens():
+            requests, tokens_in, first = self._log_requests, self._log_tokens, None
+            for g in self._grants:
+                if g.at > start - self.window_s:
+                    first = g
+                    break
+                requests -= g.requests
+                tokens_in -= g.tokens
+            if requests + 1 <= self._cap_requests() and tokens_in + tokens <= self._cap_tokens():
                 return start
-            start = self._grants[0].at + self.window_s + 1e-6  # wait for the oldest grant to leave the window
+            start = first.at + self.window_s + 1e-6  # wait for the oldest grant still in the window to leave it
 
-    def settle(self, ticket: int, prompt_tokens: int | None, completion_tokens: int | None, cost_usd: float = 0.0) -> None:
-        """The response's usage is known: refund what was reserved but not used."""
+    def settle(self, ticket: int, prompt_tokens: int | None, completion_tokens: int | None, cost_usd: float = 0.0,
+               max_tokens: int | None = None) -> None:  # fmt: skip
+        """The response's usage is known: count the request as the provider does (see `accounting`)."""
         grant = self._open.pop(ticket, None)
         if grant is None:
             return
@@ -175,12 +204,18 @@ class RateLimiter:
             self.stats.tokens_used += grant.tokens  # unknown usage: keep the worst case counted
             return
         used = prompt_tokens + completion_tokens
-        refund = max(0, grant.tokens - used)
-        grant.tokens -= refund
+        if max_tokens:
+            self._completion_ratio = 0.9 * self._completion_ratio + 0.1 * min(1.0, completion_tokens / max_tokens)
+        # reserved: prompt + max_tokens stay counted (the prompt as the server counted it); else the actual usage
+        counted = prompt_tokens + (max_tokens or completion_tokens) if self.accounting == "reserved" else used
+        change = counted - grant.tokens
+        if self.accounting == "reserved":
+            change = max(0, change)  # only ever up: the provider keeps what it reserved
+        grant.tokens += change
         if grant.in_log:
-            self._log_tokens -= refund
+            self._log_tokens += change
         tok_rate = self._rates()[1]
-        self._tat_tokens = max(self.clock(), self._tat_tokens - refund / tok_rate)
+        self._tat_tokens = max(self.clock(), self._tat_tokens + change / tok_rate)
         self.stats.tokens_used += used
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
@@ -231,6 +266,11 @@ class RateLimiter:
     def on_retry(self) -> None:
         self.stats.retries += 1
 
+    def finished(self, ok: bool) -> None:
+        """One request is done (answered, or failed for good): rows, not attempts, for progress."""
+        self.stats.finished += 1
+        self.stats.failed += not ok
+
     def feedback(self, status: int | None, headers: dict[str, str] | None, retrying: bool) -> None:
         """Everything one response teaches: headers, 429 slow-down, retry-after pause, success creep."""
         if headers:
@@ -252,6 +292,8 @@ class RateLimiter:
         return {
             "granted": s.granted,
             "settled": s.settled,
+            "finished": s.finished,
+            "failed": s.failed,
             "in_flight": len(self._open),
             "requests_last_60s": sum(g.requests for g in window),
             "tokens_last_60s": sum(g.tokens for g in window),
@@ -301,20 +343,24 @@ def retry_after_seconds(headers: dict[str, str]) -> float | None:
 class RateLimiterActor:
     """A RateLimiter behind one named actor; its calls run one at a time, so its state needs no locks."""
 
-    def __init__(self, rpm, tpm, safety, window_s):
-        self.limiter = RateLimiter(rpm, tpm, safety=safety, window_s=window_s)
+    def __init__(self, rpm, tpm, safety, window_s, accounting="reserved"):
+        self.limiter = RateLimiter(rpm, tpm, safety=safety, window_s=window_s, accounting=accounting)
 
-    def reconfigure(self, rpm, tpm, safety, window_s):
-        self.limiter.rpm, self.limiter.tpm, self.limiter.safety, self.limiter.window_s = rpm, tpm, safety, window_s
+    def reconfigure(self, rpm, tpm, safety, window_s, accounting="reserved"):
+        lim = self.limiter
+        lim.rpm, lim.tpm, lim.safety, lim.window_s, lim.accounting = rpm, tpm, safety, window_s, accounting
 
-    def reserve(self, tokens):
-        return self.limiter.reserve(tokens)
+    def reserve(self, tokens, completion_tokens=None):
+        return self.limiter.reserve(tokens, completion_tokens)
 
-    def settle(self, ticket, prompt_tokens, completion_tokens, cost_usd=0.0):
-        self.limiter.settle(ticket, prompt_tokens, completion_tokens, cost_usd)
+    def settle(self, ticket, prompt_tokens, completion_tokens, cost_usd=0.0, max_tokens=None):
+        self.limiter.settle(ticket, prompt_tokens, completion_tokens, cost_usd, max_tokens)
 
     def release(self, ticket):
         self.limiter.release(ticket)
+
+    def finished(self, ok):
+        self.limiter.finished(ok)
 
     def feedback(self, status, headers, retrying):
         self.limiter.feedback(status, headers, retrying)
@@ -322,14 +368,27 @@ class RateLimiterActor:
     def snapshot(self):
         return self.limiter.snapshot()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def head_node_strategy():
+    """Schedule on the head node: it is never scaled away (workers of an autoscaling cluster are)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})), None)
+    return NodeAffinitySchedulingStrategy(node_id=head, soft=True) if head else "DEFAULT"
+
 
 def limiter_actor(name: str, requests_per_minute: float, tokens_per_minute: float, safety: float,
-                  window_s: float = WINDOW_S, namespace: str = "asclepius"):
+                  window_s: float = WINDOW_S, namespace: str = "asclepius", accounting: str = "reserved"):  # fmt: skip
     """The cluster's one limiter for `name` (get-if-exists); detached, so every job on the cluster — and a
-    resubmitted one — shares the same view of the quota."""
+    resubmitted one — shares the same view of the quota. It lives on the head node and is restarted if it dies
+    (its window log starts empty; the server's rate-limit headers calibrate it again)."""
     actor = RateLimiterActor.options(
-        name=name, namespace=namespace, get_if_exists=True, lifetime="detached"
-    ).remote(requests_per_minute, tokens_per_minute, safety, window_s)
+        name=name, namespace=namespace, get_if_exists=True, lifetime="detached", max_restarts=-1,
+        scheduling_strategy=head_node_strategy(),
+    ).remote(requests_per_minute, tokens_per_minute, safety, window_s, accounting)  # fmt: skip
     # An existing actor keeps its state (its window log) but takes the current limits.
-    ray.get(actor.reconfigure.remote(requests_per_minute, tokens_per_minute, safety, window_s))
+    ray.get(actor.reconfigure.remote(requests_per_minute, tokens_per_minute, safety, window_s, accounting))
     return actor

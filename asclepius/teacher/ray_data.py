@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -27,10 +28,11 @@ from asclepius.teacher.client import (
     ActorLimiter,
     ChatRequest,
     TeacherClient,
+    check_batch_privacy,
     check_privacy,
     default_limiter_name,
-    endpoint_id,
     is_self_hosted,
+    key_identity,
     token_counter,
 )
 from asclepius.teacher.cost import SpendEstimate, check_budget, estimate, price_for
@@ -51,6 +53,7 @@ OUTPUT_COLUMNS = {
     "http_status": pa.int64(),
     "error": pa.string(),
     "attempts": pa.int64(),
+    "retryable": pa.bool_(),
     "cached": pa.bool_(),
 }
 
@@ -75,20 +78,20 @@ def _request(row: dict, stage: str, defaults: dict) -> ChatRequest:
 
 
 class TeacherUDF:
-    """One Ray Data actor: an async client, its own ledger part, the shared limiter.
+    """One Ray Data actor: an async client, its own ledger part, the shared limiter (`concurrency` in flight).
 
     `hooks` (a class, instantiated in the actor) lets a stage build a row's prompt at the moment it is sent and
     act on its answer at once — the questions stage's bootstrapping pool needs both: `await hooks.before(row)`
     returns fields to set (e.g. `messages`), `await hooks.after(row, outcome)` returns fields to add."""
 
-    def __init__(self, cfg: TeacherConfig, stage: str, ledger_dir: str, limiter_name: str, defaults: dict, hooks=None):
+    def __init__(self, cfg: TeacherConfig, stage: str, ledger_dir: str, limiter_name: str, defaults: dict, hooks=None, concurrency: int = 32):
         self.cfg = cfg
         self.stage = stage
         self.defaults = defaults
         actor = ray.get_actor(limiter_name, namespace="asclepius")
         self.ledger = Ledger(ledger_dir, writer_id=f"{uuid.uuid4().hex[:12]}")
         self.client = TeacherClient(cfg, ActorLimiter(actor), ledger=self.ledger)
-        self.in_flight = asyncio.Semaphore(cfg.concurrency_per_actor)
+        self.in_flight = asyncio.Semaphore(concurrency)
         self.hooks = hooks() if hooks else None
 
     async def _one(self, row: dict):
@@ -116,6 +119,7 @@ class TeacherUDF:
             "http_status": [o.http_status for o in outcomes],
             "error": [o.error for o in outcomes],
             "attempts": [o.attempts for o in outcomes],
+            "retryable": [o.status != "ok" and o.retryable for o in outcomes],
             "cached": [o.cached for o in outcomes],
         }
         # without hooks the rows keep the input's schema (typed even when a column is all null); hooks add columns
@@ -127,7 +131,7 @@ class TeacherUDF:
 
 def _count_batch(batch: pa.Table, cfg: TeacherConfig, stage: str, defaults: dict, finished: frozenset) -> pa.Table:
     counter = token_counter(cfg)
-    endpoint = endpoint_id(cfg)
+    endpoint = key_identity(cfg)
     prompt, completion, cached = [], [], []
     for row in batch.to_pylist():
         req = _request(row, stage, defaults)
@@ -143,41 +147,61 @@ class Plan:
     already_done: int
     limiter_name: str
     ledger_dir: str
+    concurrency: int = 32  # requests in flight per actor
+
+
+def concurrency_for(cfg: TeacherConfig, mean_tokens: float, requests: int) -> int:
+    """Requests in flight per actor. `auto`, by Little's law: the quota allows min(RPM, TPM / tokens per request)
+    requests a minute; each takes `expected_latency_s`; so that many × latency / 60 must be in flight (with a
+    quarter more to cover the spread of latencies), spread over the actors."""
+    if cfg.concurrency_per_actor != "auto":
+        return int(cfg.concurrency_per_actor)
+    per_minute = min(cfg.requests_per_minute, cfg.tokens_per_minute / max(1.0, mean_tokens)) * 60 / cfg.window_s
+    in_flight = math.ceil(per_minute / 60 * cfg.expected_latency_s * 1.25)
+    return max(1, min(512, math.ceil(min(in_flight, max(1, requests)) / cfg.num_actors)))
 
 
 def plan_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, ledger_dir: str, defaults: dict | None = None,
                   spent_usd: float = 0.0) -> Plan:
     """Before spending: count requests, tokens and dollars (minus what the ledger already holds), print them,
-    and stop if the budget would be exceeded."""
+    and stop if the budget (pipeline-wide: `spent_usd` were spent by earlier stages) would be exceeded."""
     defaults = defaults or {}
     scan = scan_ledger(ledger_dir)
     counts = ds.map_batches(
-        _count_batch, batch_format="pyarrow", fn_kwargs=dict(cfg=cfg, stage=stage, defaults=defaults, finished=frozenset(scan.records))
+        _count_batch, batch_format="pyarrow", fn_kwargs=dict(cfg=cfg, stage=stage, defaults=defaults, finished=frozenset(scan.records)),
+        num_cpus=0.1,  # counting tokens is light; a whole CPU may not be free while the teacher is served here
     ).to_pandas()
     todo = counts[~counts["cached"]]
-    price = price_for(cfg.model, {k: (p.prompt_per_1m, p.completion_per_1m) for k, p in cfg.prices.items()}, is_self_hosted(cfg))
+    price = teacher_price(cfg)
     est = estimate(todo["prompt"].tolist(), todo["completion"].tolist(), 1, price)
-    log.info("teacher %s: %s; %d already in the ledger", stage, est.line(cfg.model), int(counts["cached"].sum()))
+    mean_tokens = float((todo["prompt"] + todo["completion"]).mean()) if len(todo) else 1.0
+    concurrency = concurrency_for(cfg, mean_tokens, len(todo))
+    log.info("teacher %s: %s; %d already in the ledger; %d actors × %d in flight", stage, est.line(cfg.model),
+             int(counts["cached"].sum()), cfg.num_actors, concurrency)  # fmt: skip
     check_budget(est, cfg.budget_usd, spent_usd)
     name = default_limiter_name(cfg)
-    limiter_actor(name, cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_safety, window_s=cfg.window_s)
-    return Plan(est, int(counts["cached"].sum()), name, ledger_dir)
+    limiter_actor(name, cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_safety, window_s=cfg.window_s, accounting=cfg.rate_accounting)
+    return Plan(est, int(counts["cached"].sum()), name, ledger_dir, concurrency)
 
 
 def run_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, plan: Plan, defaults: dict | None = None,
                  hooks=None) -> ray.data.Dataset:
     """The rows of `ds` with OUTPUT_COLUMNS added. Lazy: the requests go out as the result is consumed."""
-    batch = max(1, cfg.concurrency_per_actor // 2)
+    batch = max(1, plan.concurrency // 2)
     return ds.map_batches(
         TeacherUDF,
         fn_constructor_kwargs=dict(cfg=cfg, stage=stage, ledger_dir=plan.ledger_dir, limiter_name=plan.limiter_name,
-                                   defaults=defaults or {}, hooks=hooks),
+                                   defaults=defaults or {}, hooks=hooks, concurrency=plan.concurrency),
         batch_size=batch,
         batch_format="pyarrow",
         # A few batches per actor at once keep `concurrency_per_actor` requests in flight despite slow stragglers.
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
         num_cpus=0.1,  # network-bound: do not hold CPUs the rest of the pipeline needs
+        **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
     )
+
+
+HEARTBEAT_TICKS = 6  # an unchanged progress line is repeated every 6 intervals (a minute at the default 10 s)
 
 
 class Progress:
@@ -190,7 +214,7 @@ class Progress:
         self._start = None
         self.last: dict = {}
 
-    COUNTERS = ("settled", "rate_limited", "retries", "cost_usd", "prompt_tokens", "completion_tokens")
+    COUNTERS = ("finished", "failed", "granted", "rate_limited", "retries", "cost_usd", "prompt_tokens", "completion_tokens")
 
     def _delta(self) -> dict:
         """The limiter's snapshot, with its counters relative to this stage's start (the limiter is shared)."""
@@ -198,24 +222,41 @@ class Progress:
         return {k: now[k] - self._start.get(k, 0) if k in self.COUNTERS else now[k] for k in now}
 
     def line(self) -> str:
+        """Rows done of the rows to send (a retry is not a row), attempts and retries apart; tokens/min as the
+        provider counts them (what is in its window now); the ETA from the rows' rate."""
         d = self._delta()
         self.last = d
         total = self.plan.estimate.requests
         elapsed = max(1e-6, time.time() - self._t0)
-        rate = d["settled"] / elapsed
-        eta = (total - d["settled"]) / rate if rate > 0 and total > d["settled"] else 0
+        rate = d["finished"] / elapsed
+        eta = f"{(total - d['finished']) / rate:.0f} s" if rate > 0 and total > d["finished"] else ("–" if total > d["finished"] else "0 s")
         return (
-            f"teacher {self.stage}: {d['settled']}/{total} requests, {d['tokens_last_60s']:,.0f} of "
-            f"{self.cfg.tokens_per_minute * 60 / self.cfg.window_s:,.0f} tokens/min, 429s {d['rate_limited']}, "
-            f"retries {d['retries']}, ${d['cost_usd']:.4f} spent, ETA {eta:.0f} s"
+            f"teacher {self.stage}: {d['finished']}/{total} rows done ({d['failed']} failed), {d['granted']} attempts, "
+            f"{d['retries']} retries, {d['tokens_last_60s']:,.0f} of {self.cfg.tokens_per_minute * 60 / self.cfg.window_s:,.0f} "
+            f"tokens/min, {d['in_flight']} in flight, 429s {d['rate_limited']}, ${d['cost_usd']:.4f} spent, ETA {eta}"
         )
 
     def _loop(self):
-        while not self._stop.wait(self.cfg.progress_every_s):
+        bar = _live_bar(self.stage, self.plan.estimate.requests)
+        every = 1.0 if bar else self.cfg.progress_every_s  # a live bar in a terminal; a line every few seconds otherwise
+        shown_state, quiet_ticks = (0, 0, 0, 0, 0), 0  # nothing sent yet: no line until something moves
+        while not self._stop.wait(every):
             try:
-                log.info("%s", self.line())
+                line = self.line()
+                if bar:
+                    bar.update(self.last["finished"], line.split(": ", 1)[1])
+                    continue
+                # a line when something moved (rows, attempts, retries, 429s), else one every HEARTBEAT_TICKS: a
+                # long wait for slow answers still shows the stage is alive, without a screen of identical lines
+                state = tuple(self.last.get(k) for k in ("finished", "failed", "granted", "retries", "rate_limited"))
+                quiet_ticks = 0 if state != shown_state else quiet_ticks + 1
+                if state != shown_state or quiet_ticks % HEARTBEAT_TICKS == 0:
+                    log.info("%s", line, extra={"console": True})
+                    shown_state = state
             except Exception:  # progress must never break the stage
                 pass
+        if bar:
+            bar.close()
 
     def __enter__(self):
         self._start = ray.get(self.actor.snapshot.remote())
@@ -227,7 +268,7 @@ class Progress:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=5)
-        log.info("%s", self.line())
+        log.info("%s", self.line())  # the file has the last line; the console, the stage's summary
 
 
 # ----------------------------------------------------------------------------------------------- for the stages
@@ -255,23 +296,35 @@ def teacher_identity(cfg: Config) -> str:
         return f"served:{cfg.teacher_from_serve}:{served.source if served else '?'}"
     if cfg.teacher is None:
         return "none"
-    return f"{endpoint_id(cfg.teacher)}|{cfg.teacher.model}"
+    return f"{key_identity(cfg.teacher)}|{cfg.teacher.model}"  # the model, not its address (see key_identity)
 
 
 def guard_privacy(teacher: TeacherConfig, rows: pd.DataFrame) -> None:
     """Every row carries its provenance (`credentialed`); the guard counts those rows, whatever their source's name."""
     credentialed = int(rows["credentialed"].fillna(True).astype(bool).sum()) if "credentialed" in rows else len(rows)
     check_privacy(teacher, credentialed, set(rows["source"]) if "source" in rows else set())
+    check_batch_privacy(teacher, credentialed)
 
 
-def ask_rows(cfg: TeacherConfig, stage: str, df: pd.DataFrame, directory: str, hooks=None) -> pd.DataFrame:
-    """Send the rows' requests (columns messages, max_tokens, sample_index, ...) and return them with answers."""
+def ask_rows(cfg: TeacherConfig, stage: str, df: pd.DataFrame, directory: str, hooks=None, spent_usd: float = 0.0) -> pd.DataFrame:
+    """Send the rows' requests (columns messages, max_tokens, sample_index, ...) and return them with answers.
+    The rows are split into blocks so that every actor has work (one block would feed one actor)."""
     if df.empty:
         return df
-    ds = ray.data.from_pandas(df)
-    plan = plan_requests(ds, cfg, stage, directory)
-    with Progress(cfg, stage, plan):
-        return run_requests(ds, cfg, stage, plan, hooks=hooks).to_pandas()
+    # Split here, on the driver, rather than with Dataset.repartition: its split tasks each need a whole CPU, which a
+    # cluster busy serving the teacher may not have free (a deadlock the demo's evaluate stage once hit).
+    parts = max(1, min(len(df), cfg.num_actors * 4))
+    bounds = [round(i * len(df) / parts) for i in range(parts + 1)]
+    ds = ray.data.from_pandas([df.iloc[a:b] for a, b in zip(bounds, bounds[1:]) if b > a])
+    plan = plan_requests(ds, cfg, stage, directory, spent_usd=spent_usd)
+    if cfg.mode == "batch":
+        out = ask_batch(cfg, stage, df, directory, plan)
+    else:
+        with Progress(cfg, stage, plan):
+            out = run_requests(ds, cfg, stage, plan, hooks=hooks).to_pandas()
+    out.attrs["plan"] = {"to_send": plan.estimate.requests, "in_ledger": plan.already_done, "usd_max": round(plan.estimate.usd_max, 6),
+                         "mode": cfg.mode, "actors": cfg.num_actors, "in_flight_per_actor": plan.concurrency}  # fmt: skip
+    return out
 
 
 def teacher_totals(df: pd.DataFrame) -> dict:
@@ -280,7 +333,7 @@ def teacher_totals(df: pd.DataFrame) -> dict:
         return {"requests": 0}
     errors = df[df.status != "ok"]
     return {
-        "requests": int(len(df)),
+        "requests": len(df),
         "from_ledger": int(df.cached.sum()),
         "ok": int((df.status == "ok").sum()),
         "errors": {str(k): int(v) for k, v in errors.error.fillna("unknown").value_counts().items()},
@@ -290,4 +343,91 @@ def teacher_totals(df: pd.DataFrame) -> dict:
         "cost_usd": round(float(df.cost_usd.fillna(0).sum()), 6),
         "cost_usd_this_run": round(float(df.loc[~df.cached, "cost_usd"].fillna(0).sum()), 6),
         "attempts": int(df.attempts.fillna(0).sum()),
+        "retryable_failures": int(df.retryable.fillna(False).astype(bool).sum()) if "retryable" in df else 0,
+        "plan": df.attrs.get("plan", {}),  # what the estimate said before spending (it knew the ledger)
     }
+
+
+def spent_so_far(run: RunDir) -> float:
+    """Dollars the run's stages have spent on teachers so far, from the manifest: `budget_usd` caps the pipeline."""
+    stages = run.read_manifest()["stages"].values()
+    return sum(float((e.get("teacher") or {}).get("cost_usd", 0) or 0) for e in stages) + sum(
+        float(c.get("cost_usd", 0) or 0) for e in stages for c in (e.get("costs") or {}).values() if isinstance(c, dict)
+    )
+
+
+def teacher_price(cfg: TeacherConfig) -> tuple[float, float]:
+    """USD per 1M prompt / completion tokens, at batch prices in batch mode."""
+    from asclepius.teacher.batch import BATCH_DISCOUNT
+
+    price = price_for(cfg.model, {k: (p.prompt_per_1m, p.completion_per_1m) for k, p in cfg.prices.items()}, is_self_hosted(cfg))
+    return (price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT) if cfg.mode == "batch" else price
+
+
+def outcome_columns(rows: list[dict], outcomes) -> pd.DataFrame:
+    """The rows with OUTPUT_COLUMNS, as the online path returns them."""
+    out = pd.DataFrame(rows)
+    out["request_key"] = [o.key for o in outcomes]
+    out["status"] = [o.status for o in outcomes]
+    out["response"] = [o.text for o in outcomes]
+    out["responses_json"] = [json.dumps(o.texts) for o in outcomes]
+    out["finish_reason"] = [o.finish_reason for o in outcomes]
+    out["prompt_tokens"] = [o.prompt_tokens for o in outcomes]
+    out["completion_tokens"] = [o.completion_tokens for o in outcomes]
+    out["cost_usd"] = [o.cost_usd for o in outcomes]
+    out["http_status"] = [o.http_status for o in outcomes]
+    out["error"] = [o.error for o in outcomes]
+    out["attempts"] = [o.attempts for o in outcomes]
+    out["retryable"] = [o.status != "ok" and o.retryable for o in outcomes]
+    out["cached"] = [o.cached for o in outcomes]
+    return out
+
+
+def ask_batch(cfg: TeacherConfig, stage: str, df: pd.DataFrame, directory: str, plan: Plan | None = None) -> pd.DataFrame:
+    """`teacher.mode: batch`: the rows' requests through the Batch API (driver-side; the provider does the work)."""
+    from asclepius.teacher.batch import BatchRunner
+
+    rows = df.to_dict(orient="records")
+    requests = [_request(r, stage, {}) for r in rows]
+    base = price_for(cfg.model, {k: (p.prompt_per_1m, p.completion_per_1m) for k, p in cfg.prices.items()}, is_self_hosted(cfg))
+    outcomes = BatchRunner(cfg, stage, directory, base).run(requests)
+    return outcome_columns(rows, outcomes)
+
+
+class _Bar:
+    """A rich live progress bar for a terminal (the quiet console's display of a teacher stage)."""
+
+    def __init__(self, stage: str, total: int, terminal):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self.progress = RichProgress(TextColumn(f"teacher {stage}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), transient=False,
+                                     console=Console(file=terminal, force_terminal=True))  # fmt: skip
+        self.task = self.progress.add_task(stage, total=total, info="")
+        self.progress.start()
+
+    def update(self, done: int, info: str) -> None:
+        self.progress.update(self.task, completed=done, info=info.split(", ", 2)[-1][:90])
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _live_bar(stage: str, total: int) -> _Bar | None:
+    from asclepius.cluster import QUIET
+
+    from asclepius.console import TERMINAL
+
+    if not (QUIET["on"] and TERMINAL["stream"] is not None):
+        return None
+    try:
+        return _Bar(stage, total, TERMINAL["stream"])
+    except Exception:  # no rich, or no terminal after all: lines instead
+        return None

@@ -30,6 +30,7 @@ import random
 import re
 import threading
 import time
+import uuid
 from collections import Counter, deque
 
 from fastapi import FastAPI, Request
@@ -45,13 +46,26 @@ def prompt_tokens(messages: list[dict]) -> int:
     return sum(TOKENS_PER_MESSAGE + byte_estimate(str(m.get("content", ""))) for m in messages) + TOKENS_PER_REPLY
 
 
+ACCOUNTING = ("reserved", "reserved_then_trued_up", "usage")
+
+
 def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float = 0.05, completion_tokens: int = 40,
-              fail_rate: float = 0.0, seed: int = 0, accounting: str = "reserved") -> FastAPI:
-    """accounting: "reserved" counts prompt + max_tokens at admission and keeps it, as OpenAI and Azure OpenAI
-    do; "usage" lowers a request's count to its actual usage once it is answered."""
+              fail_rate: float = 0.0, seed: int = 0, accounting: str = "reserved", batch_latency_s: float = 1.0,
+              api_key: str | None = None, latency_range: tuple[float, float] | None = None,
+              completion_range: tuple[int, int] | None = None) -> FastAPI:  # fmt: skip
+    """How tokens/min are counted (each provider's documented behaviour, one mode each):
+    - "reserved": prompt + max_tokens at admission, kept — OpenAI ("rate limits are calculated from the max of
+      max_tokens and the estimated tokens") and Azure OpenAI (the reservation "is held at least until the
+      request finishes": https://learn.microsoft.com/azure/ai-services/openai/how-to/quota);
+    - "reserved_then_trued_up": reserved at admission, replaced by the actual usage once answered;
+    - "usage": only what was used, counted when answered (admission needs the prompt to fit).
+    Batch jobs (/v1/files, /v1/batches; Azure's /openai/files, /openai/batches) finish `batch_latency_s` after
+    creation and never count against the online limits (the Batch API has its own quota)."""
+    if accounting not in ACCOUNTING:
+        raise ValueError(f"accounting: one of {ACCOUNTING}")
     app = FastAPI()
     lock = threading.Lock()
-    state = {"log": deque(), "admitted": [], "statuses": Counter(), "seen": Counter(), "requests": []}
+    state = {"log": deque(), "admitted": [], "statuses": Counter(), "seen": Counter(), "requests": [], "batches_created": 0}
     rng = random.Random(seed)
 
     def window_usage(now: float) -> tuple[int, int]:
@@ -78,7 +92,15 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
         body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error", "code": code}}
         return JSONResponse(body, status_code=status, headers=extra_headers or {})
 
+    def authorized(request) -> bool:
+        if not api_key:
+            return True
+        bearer = request.headers.get("authorization", "")
+        return bearer == f"Bearer {api_key}" or request.headers.get("api-key") == api_key
+
     async def chat(request: Request, deployment: str | None = None):
+        if not authorized(request):
+            return error(401, "invalid_api_key", "Incorrect API key provided.")
         try:
             body = await request.json()
         except json.JSONDecodeError:
@@ -99,10 +121,11 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
         if kind == "context_length":
             return error(400, "context_length_exceeded", "This model's maximum context length is 4097 tokens.")
         cost = prompt + max_tokens * n
+        admit = prompt if accounting == "usage" else cost  # a usage-counting server checks that the prompt fits
         with lock:
             now = time.monotonic()
             count, tokens = window_usage(now)
-            if count + 1 > rpm or tokens + cost > tpm:
+            if count + 1 > rpm or tokens + admit > tpm:
                 log = state["log"]
                 wait = log[0]["t"] + window_s - now if count + 1 > rpm else 0.0
                 need_free, freed = tokens + cost - tpm, 0
@@ -114,7 +137,7 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
                 wait = max(0.01, wait)
                 extra = {**headers(now), "retry-after-ms": str(int(wait * 1000)), "retry-after": str(math.ceil(wait))}
                 return error(429, "rate_limit_exceeded", "Rate limit reached.", extra)
-            record = {"t": now, "tokens": cost, "key": key}
+            record = {"t": now, "tokens": 0 if accounting == "usage" else cost, "key": key}
             state["log"].append(record)
             state["admitted"].append(record)
             hdrs = headers(now)
@@ -127,22 +150,22 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
             return error(500, "server_error", "injected fault", hdrs)
         if fail_rate and rng.random() < fail_rate:
             return error(500, "server_error", "injected random fault", hdrs)
-        await asyncio.sleep(float(arg) if kind == "slow" else latency_s)
+        await asyncio.sleep(float(arg) if kind == "slow" else (rng.uniform(*latency_range) if latency_range else latency_s))
         if kind == "malformed":
             state["statuses"][200] += 1
             return PlainTextResponse('{"id": "chatcmpl-x", "choices": [', headers=hdrs, media_type="application/json")
         choices, used = [], 0
         judged = judge_reply(messages)
         for i in range(n):
-            want = max_tokens if kind == "length" else min(max_tokens, completion_tokens)
+            want = max_tokens if kind == "length" else min(max_tokens, rng.randint(*completion_range) if completion_range else completion_tokens)
             digest = hashlib.sha256(f"{last}|{i}".encode()).hexdigest()[:8]
             text = (f"Answer {digest} " + "lorem ipsum " * want)[: max(1, want * 4)] if judged is None else judged
             reason = "length" if kind == "length" else ("content_filter" if kind == "content_filter" else "stop")
             choices.append({"index": i, "message": {"role": "assistant", "content": None if reason == "content_filter" else text}, "finish_reason": reason})
             used += 0 if reason == "content_filter" else byte_estimate(text)
-        if accounting == "usage":
+        if accounting != "reserved":
             with lock:
-                record["tokens"] = prompt + used  # the window counts what was used, as reserved until now
+                record["tokens"] = prompt + used  # counted at what it used (reserved until now, or nothing)
         state["statuses"][200] += 1
         return JSONResponse(
             {"id": f"chatcmpl-{key[:12]}", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
@@ -177,13 +200,118 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
     async def azure_chat(deployment: str, request: Request):
         return await chat(request, deployment)
 
+    # ------------------------------------------------------------------------------------------- Batch API
+    files: dict[str, dict] = {}
+    batches: dict[str, dict] = {}
+
+    def batch_view(b: dict) -> dict:
+        if b["status"] == "in_progress" and time.time() >= b["done_at"]:
+            run_batch(b)
+        return {k: v for k, v in b.items() if k not in ("done_at", "lines")}
+
+    def run_batch(b: dict) -> None:
+        """Answer every line as the online endpoint would (same fake answers, same fault markers), without limits."""
+        out, err, done, failed = [], [], 0, 0
+        for line in b["lines"]:
+            body, custom_id = line["body"], line["custom_id"]
+            messages = body.get("messages") or []
+            last = str(messages[-1].get("content", "")) if messages else ""
+            fault = FAULT.search(last)
+            kind = fault.group(1) if fault else None
+            if kind in ("500", "503", "answer_500") or (kind == "500-once" and not state["seen"].get(f"batch:{custom_id}")):
+                state["seen"][f"batch:{custom_id}"] += 1
+                err.append({"id": f"batch_req_{uuid.uuid4().hex[:8]}", "custom_id": custom_id,
+                            "response": {"status_code": 500, "request_id": "x", "body": {"error": {"message": "injected fault", "code": "server_error"}}},
+                            "error": None})  # fmt: skip
+                failed += 1
+                continue
+            max_tokens, n = int(body.get("max_tokens") or 16), int(body.get("n") or 1)
+            want = max_tokens if kind == "length" else min(max_tokens, completion_tokens)
+            choices, used = [], 0
+            for i in range(n):
+                text = judge_reply(messages) or (f"Answer {hashlib.sha256(f'{last}|{i}'.encode()).hexdigest()[:8]} " + "lorem ipsum " * want)[: max(1, want * 4)]
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "length" if kind == "length" else "stop"})
+                used += byte_estimate(text)
+            pt = prompt_tokens(messages)
+            out.append({"id": f"batch_req_{uuid.uuid4().hex[:8]}", "custom_id": custom_id, "error": None,
+                        "response": {"status_code": 200, "request_id": f"req-{custom_id[:8]}",
+                                     "body": {"id": f"chatcmpl-{custom_id[:12]}", "object": "chat.completion", "model": body.get("model"), "choices": choices,
+                                              "usage": {"prompt_tokens": pt, "completion_tokens": used, "total_tokens": pt + used}}}})  # fmt: skip
+            done += 1
+        for name, rows in (("output_file_id", out), ("error_file_id", err)):
+            if rows:
+                fid = f"file-{uuid.uuid4().hex[:12]}"
+                files[fid] = {"content": "".join(json.dumps(r) + "\n" for r in rows).encode(), "purpose": "batch_output", "filename": f"{name}.jsonl"}
+                b[name] = fid
+        b.update(status="completed", completed_at=int(time.time()), request_counts={"total": len(b["lines"]), "completed": done, "failed": failed})
+        b["lines"] = []
+
+    async def upload(request: Request):
+        form = await request.form()
+        upload = form.get("file")
+        content = await upload.read()
+        fid = f"file-{uuid.uuid4().hex[:12]}"
+        files[fid] = {"content": content, "purpose": form.get("purpose"), "filename": upload.filename}
+        state["requests"].append({"path": request.url.path, "key": "", "model": None, "deployment": None, "query": dict(request.query_params),
+                                  "api_key": request.headers.get("api-key"), "authorization": request.headers.get("authorization")})  # fmt: skip
+        return {"id": fid, "object": "file", "bytes": len(content), "created_at": int(time.time()), "filename": upload.filename, "purpose": form.get("purpose")}
+
+    async def create_batch(request: Request):
+        body = await request.json()
+        f = files.get(body.get("input_file_id"))
+        if f is None:
+            return error(400, "invalid_file", "no such input file")
+        try:
+            lines = [json.loads(x) for x in f["content"].decode().splitlines() if x.strip()]
+        except (ValueError, UnicodeDecodeError):
+            return error(400, "invalid_file", "the input file is not JSON lines")
+        ids = [x.get("custom_id") for x in lines]
+        if len(set(ids)) != len(ids):
+            return error(400, "duplicate_custom_id", "custom_id values must be unique in a batch")
+        bid = f"batch_{uuid.uuid4().hex[:12]}"
+        batches[bid] = {"id": bid, "object": "batch", "endpoint": body.get("endpoint"), "input_file_id": body["input_file_id"],
+                        "completion_window": body.get("completion_window"), "status": "in_progress", "created_at": int(time.time()),
+                        "metadata": body.get("metadata") or {}, "output_file_id": None, "error_file_id": None,
+                        "request_counts": {"total": len(lines), "completed": 0, "failed": 0}, "done_at": time.time() + batch_latency_s,
+                        "lines": lines}  # fmt: skip
+        state["batches_created"] += 1
+        return batch_view(batches[bid])
+
+    async def get_batch(batch_id: str):
+        b = batches.get(batch_id)
+        return batch_view(b) if b else error(404, "not_found", "no such batch")
+
+    async def list_batches(limit: int = 20):
+        data = [batch_view(b) for b in sorted(batches.values(), key=lambda b: -b["created_at"])][:limit]
+        return {"object": "list", "data": data, "has_more": False}
+
+    async def cancel_batch(batch_id: str):
+        b = batches.get(batch_id)
+        if not b:
+            return error(404, "not_found", "no such batch")
+        if b["status"] == "in_progress":
+            b.update(status="cancelled", lines=[])
+        return batch_view(b)
+
+    async def file_content(file_id: str):
+        f = files.get(file_id)
+        return PlainTextResponse(f["content"].decode()) if f else error(404, "not_found", "no such file")
+
+    for prefix in ("/v1", "/openai"):  # OpenAI's paths, and Azure OpenAI's (?api-version=...)
+        app.add_api_route(f"{prefix}/files", upload, methods=["POST"])
+        app.add_api_route(f"{prefix}/files/{{file_id}}/content", file_content, methods=["GET"])
+        app.add_api_route(f"{prefix}/batches", create_batch, methods=["POST"])
+        app.add_api_route(f"{prefix}/batches", list_batches, methods=["GET"])
+        app.add_api_route(f"{prefix}/batches/{{batch_id}}", get_batch, methods=["GET"])
+        app.add_api_route(f"{prefix}/batches/{{batch_id}}/cancel", cancel_batch, methods=["POST"])
+
     @app.get("/_stats")
     async def stats():
         with lock:
             return {
                 "admitted": [{"t": r["t"], "tokens": r["tokens"], "key": r["key"]} for r in state["admitted"]],
                 "statuses": {str(k): v for k, v in state["statuses"].items()},
-                "requests": state["requests"][-2000:],
+                "requests": state["requests"][-2000:], "batches_created": state["batches_created"],
                 "window_s": window_s, "rpm": rpm, "tpm": tpm,
             }  # fmt: skip
 
@@ -211,7 +339,7 @@ class _Replayed:
         return self._body
 
 
-_AGENT_ANSWER = re.compile(r"\[Agent ([A-Z])'s Answer Begin\]\n(.*?)\n\[Agent \1's Answer End\]", re.S)
+_AGENT_ANSWER = re.compile(r"\[Agent ([A-Z])'s Answer Begin\]\n(.*?)\n\[Agent \1's Answer End\]", re.DOTALL)
 JUDGE_MARKER = "First line must contain only"
 
 
@@ -263,9 +391,16 @@ def main() -> None:
     ap.add_argument("--latency-s", type=float, default=0.05)
     ap.add_argument("--completion-tokens", type=int, default=40)
     ap.add_argument("--fail-rate", type=float, default=0.0)
-    ap.add_argument("--accounting", choices=["reserved", "usage"], default="reserved")
+    ap.add_argument("--accounting", choices=list(ACCOUNTING), default="reserved")
+    ap.add_argument("--batch-latency-s", type=float, default=1.0)
+    ap.add_argument("--api-key", default=None, help="require this key (Bearer or api-key header)")
+    ap.add_argument("--latency-range", default=None, help="seconds, e.g. 2-8: each request's latency drawn uniformly")
+    ap.add_argument("--completion-range", default=None, help="tokens, e.g. 100-400: each reply's length drawn uniformly")
     args = ap.parse_args()
-    app = build_app(args.rpm, args.tpm, args.window_s, args.latency_s, args.completion_tokens, args.fail_rate, accounting=args.accounting)
+    app = build_app(args.rpm, args.tpm, args.window_s, args.latency_s, args.completion_tokens, args.fail_rate, accounting=args.accounting,
+                    batch_latency_s=args.batch_latency_s, api_key=args.api_key,
+                    latency_range=tuple(float(x) for x in args.latency_range.split("-")) if args.latency_range else None,
+                    completion_range=tuple(int(x) for x in args.completion_range.split("-")) if args.completion_range else None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

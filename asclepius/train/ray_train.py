@@ -215,9 +215,12 @@ def _worker(config: dict) -> None:
             from ray.train import Checkpoint
 
             self.history.append(metrics)
-            if rank == 0:  # a JSON lines log for the loss curve (the dashboard shows the reported metrics)
+            if rank == 0:  # a JSON lines log for the loss curve, and the dashboard's gauges
                 with open(config["metrics_file"], "a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics) + "\n")
+                from asclepius import metrics as dashboard
+
+                dashboard.training_step(config["section"], metrics["step"], metrics["loss"], metrics["tokens_per_s"], metrics.get("mfu"))
             ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step-{step:06d}" if ckpt else None)
 
@@ -274,7 +277,7 @@ def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=hp.num_workers, use_gpu=hp.use_gpu, resources_per_worker={"CPU": hp.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=hp.num_workers, use_gpu=hp.use_gpu, resources_per_worker={"CPU": hp.cpus_per_worker, **hp.resources_per_worker}),
         run_config=RunConfig(
             storage_path=run.path("ray_train"), name=f"{stage}-{ctx.attempt}",
             checkpoint_config=CheckpointConfig(num_to_keep=hp.num_to_keep),
@@ -283,7 +286,8 @@ def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
         torch_config=TorchConfig(backend="nccl" if hp.use_gpu else "gloo"),
     )
     started = time.time()
-    trainer.fit()
+    with _TrainingProgress(stage, config["metrics_file"], steps_per_epoch, hp):
+        trainer.fit()
     with open(config["summary_file"], encoding="utf-8") as f:
         summary = json.load(f)
     history = _history(config["metrics_file"])
@@ -297,6 +301,39 @@ def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
         "mfu": history[-1]["mfu"] if history else None, "export_dir": published, "seconds": round(time.time() - started, 1),
         "ray_train_run": f"{stage}-{ctx.attempt}",
     }  # fmt: skip
+
+
+class _TrainingProgress:
+    """A console line every ~10 s from rank 0's metrics file (the workers' own logs stay in Ray's files)."""
+
+    def __init__(self, stage: str, metrics_file: str, steps_per_epoch: int, hp: TrainHyperparams, every_s: float = 10.0):
+        import math
+        import threading
+
+        self.stage, self.metrics_file, self.every_s = stage, metrics_file, every_s
+        total = max(1, math.ceil(hp.epochs * steps_per_epoch))
+        self.total = min(total, hp.max_steps) if hp.max_steps else total
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        shown_step = 0
+        while not self._stop.wait(self.every_s):
+            history = _history(self.metrics_file)
+            if history and history[-1]["step"] != shown_step:
+                h = history[-1]
+                shown_step = h["step"]
+                mfu = f", MFU {h['mfu']:.1%}" if isinstance(h.get("mfu"), float) else ""
+                log.info("%s: step %d/%d, loss %.3f, %.0f tokens/s%s", self.stage, h["step"], self.total, h["loss"], h["tokens_per_s"], mfu,
+                         extra={"console": True})  # fmt: skip
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _history(path: str) -> list[dict]:

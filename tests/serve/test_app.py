@@ -19,7 +19,7 @@ KEY = "test-secret-key"
 
 
 def model(name, **kw):
-    return {"name": name, "source": "tiny", "num_cpus": 0, "max_batch_size": 8, "batch_wait_timeout_s": 0.2, **kw}
+    return {"name": name, "source": "tiny", "num_cpus": 0, "max_batch_size": 8, **kw}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def urls(ray_local):
     out = {
         "open": start(ServeConfig(**base, app_name="open", route_prefix="/", models=[model("tiny-a"), model("tiny-b", context_length=256)])),
         "small": start(ServeConfig(**base, app_name="small", route_prefix="/small",
-                                   models=[model("tiny-small", max_ongoing_requests=1, max_queued_requests=1, max_batch_size=1)])),  # fmt: skip
+                                   models=[model("tiny-small", max_queued_requests=1, max_batch_size=1)])),  # fmt: skip
     }
     import os
 
@@ -115,9 +115,9 @@ def test_bad_input(urls):
     status, body, _ = post(url + "/chat/completions", b"{not json")
     assert status == 400 and body["error"]["code"] == "invalid_json"
     status, body, _ = post(url + "/chat/completions", {"model": "tiny-a", "messages": [], "max_tokens": 0})
-    assert status == 422 and "messages" in body["error"]["message"] and "max_tokens" in body["error"]["message"]
+    assert status == 400 and "messages" in body["error"]["message"] and "max_tokens" in body["error"]["message"]
     status, body, _ = post(url + "/answer", {"note": "", "question": "q"})
-    assert status == 422 and "note" in body["error"]["message"]
+    assert status == 400 and "note" in body["error"]["message"] and body["error"]["param"] == "note"
     with pytest.raises(openai.NotFoundError, match="not served"):
         client(url).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     with pytest.raises(openai.BadRequestError) as err:  # tiny-b's context is 256 tokens
@@ -178,3 +178,15 @@ def test_serve_stage_deploys_checks_and_records(urls, tmp_path):
     assert entry["models"] == ["tiny-stage"] and check["note_id"] == "builtin-example" and check["completion_tokens"] == 48
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["serve"]["answer_checks"] == entry["answer_checks"]
     assert "stage" not in serve.status().applications  # removed after the check
+
+
+def test_serving_metrics_reach_the_prometheus_export(urls):
+    from asclepius.testing.prometheus import scrape_metrics, values
+
+    client(urls["open"]).chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    found = scrape_metrics(["ray_asclepius_serve_request_seconds_count", "ray_asclepius_serve_generations"])
+    # latency by route template and status class, as the ingress saw it
+    assert sum(values(found["ray_asclepius_serve_request_seconds_count"], route="/v1/chat/completions", status="2xx")) >= 1
+    # each replica's queue: generations running and waiting
+    assert values(found["ray_asclepius_serve_generations"], model="tiny-a", state="waiting")
+    assert values(found["ray_asclepius_serve_generations"], model="tiny-a", state="running")

@@ -113,6 +113,9 @@ def test_keys_never_in_config_and_read_from_env_or_file(tmp_path, monkeypatch):
     monkeypatch.delenv("MY_KEY")
     with pytest.raises(TeacherConfigError, match="MY_KEY"):
         read_api_key(TeacherConfig(api_key_env="MY_KEY"))
-    assert read_api_key(TeacherConfig(provider="openai_compatible", base_url="http://h/v1", api_key_env="MY_KEY")) == "EMPTY"
+    # a self-hosted server without auth needs no key; one whose variable is named but unset is a mistake, not "no key"
+    assert read_api_key(TeacherConfig(provider="openai_compatible", base_url="http://h/v1")) == "EMPTY"
+    with pytest.raises(TeacherConfigError, match="MY_KEY"):
+        read_api_key(TeacherConfig(provider="openai_compatible", base_url="http://h/v1", api_key_env="MY_KEY"))
     with pytest.raises(ConfigError, match="azure_endpoint and azure_deployment"):
         config_from_dict({**data, "teacher": {"provider": "azure"}})

@@ -1,0 +1,173 @@
+"""What a person sees: a quiet console, the full logs in `<run>/logs/`, and an ending that says where things are.
+
+Quiet (the default of `asclepius run`): the console shows each stage's progress (a live bar in a terminal, a line
+every `teacher.progress_every_s` otherwise) and its summary, warnings and errors — nothing of Ray's, Ray Data's or
+Serve's own logs, which go to `<run>/logs/asclepius.log` (and Ray's session directory). `--verbose` puts them all
+back on the console. Never any note text, question or answer — except, at the very end of a run on the bundled
+fictional samples, one answer of the fine-tuned model, so a newcomer sees what was built.
+"""
+
+from __future__ import annotations
+
+import logging
+import atexit
+import os
+import re
+import sys
+import threading
+import time
+
+log = logging.getLogger("asclepius")
+# Ray's C++ core worker writes its own lines ("[2026-01-01 12:00:00,000 E 123 456] core_worker.cc:...") straight to
+# file descriptor 2, past Python's logging; the quiet console sends them to the log file instead.
+NATIVE_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+TERMINAL: dict = {"stream": None}  # the real stderr when it is a terminal (for live bars), set by setup_console
+
+
+def shown(logger: logging.Logger, message: str, *args) -> None:
+    """An INFO line for the quiet console too (stage summaries, progress)."""
+    logger.info(message, *args, extra={"console": True})
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.startswith("asclepius")
+        if ours:
+            return record.levelno >= logging.WARNING or bool(getattr(record, "console", False))
+        return record.levelno >= logging.ERROR  # Ray's own errors still show; its info and warnings go to the file
+
+
+class Console:
+    def __init__(self, run_dir: str | None, verbose: bool, log_file: str | None):
+        self.run_dir, self.verbose, self.log_file = run_dir, verbose, log_file
+        self.started = time.time()
+
+    def ending(self, cfg, results: dict[str, dict]) -> None:
+        """The stages as a table, where the model, the report and the logs are, and — on the bundled fictional
+        samples only — one answer of the fine-tuned model."""
+        if not results:
+            return
+        out = [f"\n{'stage':<16}{'in':>10}{'out':>12}{'time':>9}{'cost':>10}"]
+        for name, e in results.items():
+            from asclepius.status import _cost, _rows_in_out
+
+            rows_in, rows_out = _rows_in_out(name, e)
+            state = "skipped" if e.get("skipped") else f"{e.get('wall_seconds', e.get('seconds', 0)):.0f} s"
+            out.append(f"{name:<16}{rows_in:>10}{rows_out:>12}{state:>9}{'$' + format(_cost(e), '.4f'):>10}")
+        out.append(f"total {time.time() - self.started:.0f} s")
+        run = cfg.run_dir
+        for label, path in (("model", os.path.join(run, "checkpoints", "finetune", "final")), ("report", os.path.join(run, "eval", "report.md"))):
+            if "://" in run or os.path.exists(path):
+                out.append(f"{label}: {path}")
+        if self.log_file:
+            out.append(f"logs: {self.log_file} (Ray's own: /tmp/ray/session_latest/logs)")
+        print("\n".join(out), file=sys.stderr, flush=True)
+        sample = sample_answer(cfg)
+        if sample:
+            print(sample, file=sys.stderr, flush=True)
+
+
+def sample_answer(cfg) -> str | None:
+    """One question answered by the fine-tuned model on a bundled fictional note. Only when every source is a
+    bundled sample: the rule that no note text is ever printed holds for real data."""
+    if not all(s.path.startswith("sample:") for s in cfg.notes.sources) or "://" in cfg.run_dir:
+        return None
+    model_dir = os.path.join(cfg.run_dir, "checkpoints", "finetune", "final")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        return None
+    from asclepius.models import load_model, load_tokenizer, text_prompt_ids
+    from asclepius.recipe import load_recipe
+    from asclepius.run import RunDir
+    from asclepius.serve.engine import Engine, GenRequest
+
+    notes = RunDir.open(cfg.run_dir).read_frame("notes", ["note_id", "source", "text"])
+    notes = notes[~notes.source.isin(cfg.synthesize.case_report_sources)].sort_values("note_id")
+    if notes.empty:
+        return None
+    note = notes.iloc[0]
+    question = load_recipe().tasks[7].seed_questions[1]  # a Question Answering seed question
+    tok = load_tokenizer(model_dir)
+    prompt = load_recipe().model_prompt.format(note=note.text.strip("\n"), question=question)
+    text, _, _ = Engine(load_model(model_dir), tok).generate([GenRequest(text_prompt_ids(tok, prompt), 96, temperature=0)])[0]
+    return (f"\nthe fine-tuned model on a bundled fictional note ({note.note_id}):\n  question: {question}\n"
+            f"  answer:   {text.strip() or '(empty)'}\n(a 135M model after a few CPU steps: the machinery is real, the answer is not clinical advice)")  # fmt: skip
+
+
+def _route_native_stderr(log_file: str | None) -> None:
+    """File descriptor 2 through a pipe: a thread passes every line to the real stderr except Ray's native log
+    lines, which go to the log file. Python's own writes (sys.stderr) take the same path, in order."""
+    real = os.dup(2)
+    TERMINAL["stream"] = os.fdopen(os.dup(real), "w", buffering=1, encoding="utf-8", errors="replace") if os.isatty(real) else None
+    read_end, write_end = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    out = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="replace")
+    keep = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115 — open for the process's life
+
+    def pump() -> None:
+        with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as pipe:
+            for line in pipe:
+                if NATIVE_LOG_LINE.match(line):
+                    if keep:
+                        keep.write(line)
+                        keep.flush()
+                else:
+                    out.write(line)
+                    out.flush()
+
+    thread = threading.Thread(target=pump, name="quiet-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:  # at exit: the real stderr back, and what is still in the pipe written out
+        sys.stderr.flush()
+        os.dup2(out.fileno(), 2)
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
+def setup_console(run_dir: str | None, verbose: bool = False) -> Console:
+    """Logging for a command: quiet console (or everything with `verbose`), and the full log in <run>/logs/."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    if verbose:
+        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console.addFilter(_Quiet())
+    root.addHandler(console)
+    log_file = None
+    if run_dir and "://" not in run_dir:
+        from asclepius.run import make_private_dir
+
+        root_dir = os.path.abspath(os.path.expanduser(run_dir))
+        os.makedirs(root_dir, mode=0o700, exist_ok=True)
+        logs = make_private_dir(os.path.join(root_dir, "logs"))
+        log_file = os.path.join(logs, "asclepius.log")
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file_handler)
+    from asclepius.cluster import QUIET
+
+    QUIET["on"] = not verbose
+    if not verbose:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        # Ray Data sets up its loggers (a console handler of its own) when first imported: import it now, so that
+        # what it set up is what is undone here, not re-added by a later import in the middle of a stage.
+        import ray.data  # noqa: F401
+
+        for name in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
+            lg = logging.getLogger(name)
+            for handler in list(lg.handlers):
+                if "File" not in type(handler).__name__:  # Ray's own log files (ray-data.log, ...) stay
+                    lg.removeHandler(handler)
+            lg.propagate = True  # to our log file; the quiet console filter keeps them off the screen
+        if os.environ.get("ASCLEPIUS_QUIET_NATIVE", "1") == "1":
+            _route_native_stderr(log_file)
+    if log_file:
+        shown(log, "logs: %s", log_file)
+    return Console(run_dir, verbose, log_file)

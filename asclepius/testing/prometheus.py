@@ -1,0 +1,27 @@
+"""Reading a Ray node's Prometheus export, as Prometheus (and the dashboard's Grafana) would."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+
+
+def scrape_metrics(names: list[str], port: int | None = None, timeout_s: float = 60.0) -> dict[str, list[str]]:
+    """Each metric name's sample lines at http://127.0.0.1:<port>/metrics, waiting until every name shows (Ray
+    exports every few seconds). The port defaults to the test session's (ASCLEPIUS_TEST_METRICS_PORT)."""
+    url = f"http://127.0.0.1:{port or os.environ['ASCLEPIUS_TEST_METRICS_PORT']}/metrics"
+    deadline, found = time.time() + timeout_s, {}
+    while time.time() < deadline:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        found = {n: [line for line in text.splitlines() if line.startswith(n + "{")] for n in names}
+        if all(found.values()):
+            break
+        time.sleep(2)
+    return found
+
+
+def values(lines: list[str], **labels: str) -> list[float]:
+    """The sample values of the lines whose labels include all of `labels`."""
+    return [float(line.rsplit(" ", 1)[1]) for line in lines if all(f'{k}="{v}"' in line for k, v in labels.items())]
