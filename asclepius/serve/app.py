@@ -661,22 +661,27 @@ def read_serve_key(cfg: ServeConfig) -> str | None:
     return None
 
 
+def _placement(m: ServedModelConfig) -> dict:
+    """A model deployment's name, resources and replicas: what build_app deploys and serve_deploy_config states."""
+    options: dict = {"name": f"model-{m.name}", "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}}
+    if m.autoscaling:
+        options["autoscaling_config"] = m.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = m.num_replicas
+    return options
+
+
 def build_app(cfg: ServeConfig):
     bound, settings = {}, {}
     key = read_serve_key(cfg)
     for m in cfg.models:
-        options = dict(
-            name=f"model-{m.name}",
-            ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        options = {
+            **_placement(m),
             # a call carries all of a request's generations, and the engine admits or refuses them at once (running
             # + waiting generations); Serve's own queue only smooths bursts of calls, each refused quickly if full
-            max_ongoing_requests=m.max_batch_size + m.max_queued_requests,
-            max_queued_requests=4 * (m.max_batch_size + m.max_queued_requests),
-        )
-        if m.autoscaling:
-            options["autoscaling_config"] = m.autoscaling.model_dump()
-        else:
-            options["num_replicas"] = m.num_replicas
+            "max_ongoing_requests": m.max_batch_size + m.max_queued_requests,
+            "max_queued_requests": 4 * (m.max_batch_size + m.max_queued_requests),
+        }
         bound[m.name] = serve.deployment(ModelServer).options(**options).bind(m)
         settings[m.name] = {"default_max_tokens": m.default_max_tokens, "fingerprint": _fingerprint(m),
                             "capacity": m.max_batch_size + m.max_queued_requests}  # fmt: skip
@@ -700,14 +705,7 @@ def serve_deploy_config(config_path: str, cfg: ServeConfig) -> dict:
     """The Serve config (serveConfigV2 of a RayService) that deploys `cfg` from the preset at `config_path` inside
     the image: the app is built by app_builder, and each model's resources and replicas are stated where KubeRay's
     and Serve's tools show them."""
-    deployments = []
-    for m in cfg.models:
-        entry: dict = {"name": f"model-{m.name}", "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}}
-        if m.autoscaling:
-            entry["autoscaling_config"] = m.autoscaling.model_dump()
-        else:
-            entry["num_replicas"] = m.num_replicas
-        deployments.append(entry)
+    deployments = [_placement(m) for m in cfg.models]
     return {
         "http_options": {"host": "0.0.0.0", "port": cfg.port},
         "applications": [{
