@@ -128,6 +128,10 @@ def _status(args, cfg) -> int:
     if "://" not in run_dir and not os.path.exists(os.path.join(run_dir, "manifest.json")):
         print(f"error: {run_dir} holds no manifest.json (not a run directory, or nothing has run yet)", file=sys.stderr)
         return 2
+    if cfg is not None:
+        from asclepius.storage import storage_env
+
+        storage_env(cfg.storage.endpoint_url, cfg.storage.region)
     rows = status_rows(RunDir.open(run_dir), cfg)
     print(json.dumps(rows, indent=1) if args.json else status_table(rows, run_dir))
     return 0

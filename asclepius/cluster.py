@@ -14,8 +14,10 @@ log = logging.getLogger("asclepius")
 QUIET = {"on": False}  # set by asclepius.console for `asclepius run` without --verbose
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Start or join Ray once per process; a job run by `ray job submit` joins its cluster."""
+def init_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> None:
+    """Start or join Ray once per process; a job run by `ray job submit` joins its cluster. `env`: variables every
+    worker of this job needs (object storage's endpoint), passed in the job's runtime_env (Ray merges it with the
+    one `ray job submit` gave)."""
     if ray.is_initialized():
         return
     # Our package must be importable by every worker: under `ray job submit --working-dir .` Ray ships it; for a
@@ -24,6 +26,8 @@ def init_ray(cfg: RayConfig) -> None:
     kwargs: dict = {"log_to_driver": not quiet, "include_dashboard": cfg.include_dashboard}
     if quiet:
         kwargs.update(logging_level=logging.WARNING, configure_logging=False)
+    if env:
+        kwargs["runtime_env"] = {"env_vars": dict(env)}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})

@@ -41,6 +41,15 @@ class RayConfig(StrictModel):
                              "actors fit the nodes the cluster has or its autoscaler can add (asclepius/fits.py).")
 
 
+class StorageConfig(StrictModel):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for an s3:// run_dir (MinIO, Ceph, a local test server); exported as "
+        "AWS_ENDPOINT_URL to the driver and every Ray worker. Credentials are never in the config: they come from the "
+        "usual AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, the node's instance role, IRSA).",
+    )
+    region: str | None = Field(None, description="Object storage region (exported as AWS_REGION).")
+
+
 # --------------------------------------------------------------------------------------------------- notes
 SourceKind = Literal["mimic3", "mimic4", "pmc", "generic"]
 CREDENTIALED_KINDS = ("mimic3", "mimic4")
@@ -174,7 +183,7 @@ class TeacherConfig(StrictModel):
     tokenizer: str | None = Field(None, description="Local HF tokenizer of a self-hosted model, for token counts.")
     prices: dict[str, Price] = Field(default_factory=dict, description="USD per 1M tokens, overrides the table.")
     budget_usd: float | None = Field(None, ge=0, description="Refuse to start a stage that may cost more.")
-    ledger_dir: str | None = Field(None, description="POSIX path for the request ledger; default <run>/ledger.")
+    ledger_dir: str | None = Field(None, description="Where the request ledger lives (a path or s3:// / gs:// URI); default <run>/ledger.")
     limiter_name: str | None = Field(None, description="Name of the cluster-wide limiter; default from endpoint.")
     progress_every_s: float = Field(10.0, gt=0)
     credentialed_sources: list[str] = Field(
@@ -449,6 +458,7 @@ class Config(StrictModel):
     run_dir: str = Field(description="Run directory: local path or pyarrow filesystem URI (s3://...).")
     seed: int = 0
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     notes: NotesConfig
     teacher: TeacherConfig | None = None
     teacher_from_serve: str | None = Field(

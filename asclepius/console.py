@@ -55,10 +55,12 @@ class Console:
             state = "skipped" if e.get("skipped") else f"{e.get('wall_seconds', e.get('seconds', 0)):.0f} s"
             out.append(f"{name:<16}{rows_in:>10}{rows_out:>12}{state:>9}{'$' + format(_cost(e), '.4f'):>10}")
         out.append(f"total {time.time() - self.started:.0f} s")
-        run = cfg.run_dir
-        for label, path in (("model", os.path.join(run, "checkpoints", "finetune", "final")), ("report", os.path.join(run, "eval", "report.md"))):
-            if "://" in run or os.path.exists(path):
-                out.append(f"{label}: {path}")
+        from asclepius.run import RunDir
+
+        run = RunDir.open(cfg.run_dir)
+        for label, parts in (("model", ("checkpoints", "finetune", "final")), ("report", ("eval", "report.md"))):
+            if run.exists(run.path(*parts)):
+                out.append(f"{label}: {run.uri_of(*parts)}")
         if self.log_file:
             out.append(f"logs: {self.log_file} (Ray's own: /tmp/ray/session_latest/logs)")
         print("\n".join(out), file=sys.stderr, flush=True)
@@ -70,17 +72,19 @@ class Console:
 def sample_answer(cfg) -> str | None:
     """One question answered by the fine-tuned model on a bundled fictional note. Only when every source is a
     bundled sample: the rule that no note text is ever printed holds for real data."""
-    if not all(s.path.startswith("sample:") for s in cfg.notes.sources) or "://" in cfg.run_dir:
-        return None
-    model_dir = os.path.join(cfg.run_dir, "checkpoints", "finetune", "final")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
+    if not all(s.path.startswith("sample:") for s in cfg.notes.sources):
         return None
     from asclepius.models import load_model, load_tokenizer, text_prompt_ids
     from asclepius.recipe import load_recipe
     from asclepius.run import RunDir
     from asclepius.serve.engine import Engine, GenRequest
+    from asclepius.storage import local_copy
 
-    notes = RunDir.open(cfg.run_dir).read_frame("notes", ["note_id", "source", "text"])
+    run = RunDir.open(cfg.run_dir)
+    if not run.exists(run.path("checkpoints", "finetune", "final", "config.json")):
+        return None
+    model_dir = local_copy(run.uri_of("checkpoints", "finetune", "final"))
+    notes = run.read_frame("notes", ["note_id", "source", "text"])
     notes = notes[~notes.source.isin(cfg.synthesize.case_report_sources)].sort_values("note_id")
     if notes.empty:
         return None
@@ -141,12 +145,17 @@ def setup_console(run_dir: str | None, verbose: bool = False) -> Console:
         console.addFilter(_Quiet())
     root.addHandler(console)
     log_file = None
-    if run_dir and "://" not in run_dir:
-        from asclepius.run import make_private_dir
+    if run_dir:
+        import hashlib
 
-        root_dir = os.path.abspath(os.path.expanduser(run_dir))
-        os.makedirs(root_dir, mode=0o700, exist_ok=True)
-        logs = make_private_dir(os.path.join(root_dir, "logs"))
+        from asclepius.storage import cache_root, is_remote, make_private_dir
+
+        if is_remote(run_dir):  # a log file needs appends: the driver's log of a run in object storage stays local
+            logs = make_private_dir(os.path.join(cache_root(), "logs", hashlib.sha256(run_dir.encode()).hexdigest()[:16]))
+        else:
+            root_dir = os.path.abspath(os.path.expanduser(run_dir))
+            os.makedirs(root_dir, mode=0o700, exist_ok=True)
+            logs = make_private_dir(os.path.join(root_dir, "logs"))
         log_file = os.path.join(logs, "asclepius.log")
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -27,6 +27,7 @@ from asclepius.notes.stage import NOTES_STAGE
 from asclepius.run import RunDir, Stage, StageStatus, run_stage, stage_status
 from asclepius.serve.stage import STAGE_DEF as SERVE
 from asclepius.serve.stage import ServedApp
+from asclepius.storage import storage_env
 from asclepius.train.ray_train import FINETUNE_STAGE, PRETRAIN_STAGE
 
 log = logging.getLogger("asclepius")
@@ -84,6 +85,7 @@ def pipeline_stages(cfg: Config) -> list[Stage]:
 
 def pipeline_status(cfg: Config) -> list[StageStatus]:
     """Each stage's state in the run directory (complete, stale, running, never run) and why."""
+    storage_env(cfg.storage.endpoint_url, cfg.storage.region)
     run = RunDir.open(cfg.run_dir)
     return [stage_status(s, cfg, run) for s in pipeline_stages(cfg)]
 
@@ -93,7 +95,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages: {STAGE_ORDER}")
     started = time.time()
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, storage_env(cfg.storage.endpoint_url, cfg.storage.region))
     selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
     if cfg.ray.check_fits:  # a stage that cannot be placed would leave the job pending forever: stop before any work
         check_fits(cfg, [s.name for s in selected])

@@ -41,13 +41,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from asclepius import metrics
+from asclepius.storage import PRIVATE_DIR_MODE, make_private_dir, open_private, open_uri, uri_for  # noqa: F401 — re-exported
 
 log = logging.getLogger("asclepius")
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
-PRIVATE_DIR_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
 
 
 class StageInputError(RuntimeError):
@@ -56,21 +55,6 @@ class StageInputError(RuntimeError):
 
 class StageOrderError(RuntimeError):
     """A stage was asked to run before a stage it requires has completed."""
-
-
-# ----------------------------------------------------------------------------------------------- private files
-def make_private_dir(path: str) -> str:
-    """A local directory only its owner can enter (it holds clinical text or what was derived from it)."""
-    os.makedirs(path, mode=PRIVATE_DIR_MODE, exist_ok=True)
-    os.chmod(path, PRIVATE_DIR_MODE)
-    return path
-
-
-def open_private(path: str, mode: str = "a"):
-    """Open a local text file created 0600 whatever the umask (ledger parts, journals)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
-    fd = os.open(path, flags, PRIVATE_FILE_MODE)
-    return os.fdopen(fd, mode, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------- the run directory
@@ -82,7 +66,7 @@ class RunDir:
 
     @classmethod
     def open(cls, uri: str) -> RunDir:
-        fs, root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), _abspath(uri))
+        fs, root = open_uri(uri)
         root = root.rstrip("/") or "/"
         fs.create_dir(root, recursive=True)
         run = cls(fs=fs, root=root, uri=uri)
@@ -96,6 +80,21 @@ class RunDir:
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
+
+    def uri_of(self, *parts: str) -> str:
+        """A path in the run as a URI that any process on any node can open (a local path stays a path)."""
+        return uri_for(self.fs, self.path(*parts))
+
+    def move_dir(self, src: str, dst: str) -> None:
+        """Rename a folder; object storage has no folder rename, so there every file is copied (server-side), then
+        the source deleted. Callers rely on the manifest, not on this being atomic."""
+        if self.is_local:
+            self.fs.move(src, dst)
+            return
+        for info in self.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+            if info.type == pafs.FileType.File:
+                self.fs.copy_file(info.path, posixpath.join(dst, posixpath.relpath(info.path, src)))
+        self.fs.delete_dir(src)
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -183,9 +182,6 @@ class RunDir:
             self.fs.delete_dir(path)
 
 
-def _abspath(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
-
 
 def file_fingerprint(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     """Cheap identity of an input file: a changed file (size or mtime) makes the stage rerun."""
@@ -267,11 +263,9 @@ class StageRun:
         self.run.fs.create_dir(path, recursive=True)
         return path
 
-    def local_output(self, name: str) -> str:
-        """`output`, as a local path (training writes with save_pretrained, which needs one)."""
-        if not self.run.is_local:
-            raise ValueError(f"stage {self.stage.name}: this output needs a local or shared POSIX run_dir, got {self.run.uri}")
-        return self.output(name)
+    def output_uri(self, name: str) -> str:
+        """`output` as a URI a worker on any node can write to."""
+        return uri_for(self.run.fs, self.output(name))
 
 
 @dataclass
@@ -362,7 +356,7 @@ def _publish(run: RunDir, ctx: StageRun, name: str) -> dict[str, int]:
         run.fs.create_dir(staged, recursive=True)  # an output with nothing in it is still an output
     if run.exists(target):
         aside = run.path(STAGING, ctx.stage.name, f"old-{uuid.uuid4().hex[:8]}")
-        run.fs.move(target, aside)
+        run.move_dir(target, aside)
     run.fs.create_dir(posixpath.dirname(target), recursive=True)
-    run.fs.move(staged, target)
+    run.move_dir(staged, target)
     return run.listing(name)

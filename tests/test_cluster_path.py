@@ -47,7 +47,7 @@ def test_preset_loads_and_keeps_the_recipes_batch_on_8_gpus(name):
         assert hp.resources_per_worker == {"train_node": 1}
     # the served model is the one this run exports, in the run directory every node sees
     assert cfg.serve.models[0].source == f"{cfg.run_dir}/checkpoints/finetune/final"
-    assert cfg.run_dir.startswith("/mnt/efs/") and cfg.ray.address == "auto"
+    assert cfg.run_dir.startswith("s3://") and cfg.ray.address == "auto"  # object storage every node reaches
     # keys come from files mounted on every node, never from the job's environment
     assert cfg.teacher.api_key_file and cfg.serve.api_key_file
     if name.startswith("asclepius-r"):  # MIMIC notes never go to the public OpenAI API
@@ -112,11 +112,12 @@ def test_cluster_yaml_is_coherent():
     # Serve's port is open (inside the VPC)
     rules = c["provider"]["security_group"]["IpPermissions"]
     assert any(r["FromPort"] <= 8000 <= r["ToPort"] for r in rules)
-    # every preset writes where every node mounts, and reads its keys where file_mounts put them
-    assert "-v /mnt/efs:/mnt/efs" in c["docker"]["run_options"]
+    # every preset writes to S3, which every worker type may reach through its instance profile (the head through
+    # Ray's default one), and reads its keys where file_mounts put them
+    assert all(v["node_config"].get("IamInstanceProfile") for k, v in types.items() if k != c["head_node_type"])
     for name in PRESETS:
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-        assert cfg.run_dir.startswith("/mnt/efs/")
+        assert cfg.run_dir.startswith("s3://")
         assert cfg.teacher.api_key_file in c["file_mounts"]
 
 
@@ -173,6 +174,9 @@ def test_kuberay_rules_beyond_the_schema():
     m = re.fullmatch(rf"python {IMAGE_DIR}/ray_jobs/pipeline\.py --config {IMAGE_DIR}/(configs/[\w.-]+\.yaml)", job["entrypoint"])
     assert m and (ROOT / m.group(1)).is_file()
     preset = load_config(ROOT / m.group(1))
+    assert preset.run_dir.startswith("s3://")
+    storage = list(yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "storage.yaml").read_text()))
+    account = next(d["metadata"]["name"] for d in storage if d["kind"] == "ServiceAccount")
     for name, spec in cluster_specs().items():
         assert spec["rayVersion"] == RAY_PIN, name  # KubeRay: rayVersion must match the image's Ray
         groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
@@ -182,6 +186,8 @@ def test_kuberay_rules_beyond_the_schema():
                 assert f"ray{RAY_PIN}" in container["image"].split(":")[1] or container["image"].startswith(f"rayproject/ray:{RAY_PIN}")
                 mounts = {v["name"] for v in pod["volumes"]}
                 assert {m["name"] for m in container.get("volumeMounts", [])} <= mounts, name
+            # every pod reaches the run bucket through the service account storage.yaml defines
+            assert pod["serviceAccountName"] == account, name
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head takes no work
         assert spec["authOptions"]["mode"] == "token"
         for group in spec["workerGroupSpecs"]:

@@ -24,9 +24,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import posixpath
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 
@@ -264,9 +267,13 @@ def evaluate(ctx: StageRun) -> dict:
                              models=names)
     out = ctx.output("eval")
     ctx.run.write_frame(out, scores, "scores.parquet")
-    if ctx.run.is_local:
-        reporting.plot_tasks(numbers["tasks"], posixpath.join(out, "per_task.png"))
-        reporting.plot_histogram(numbers["dist"], posixpath.join(out, "scores.png"))
+    with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes local files; the run may be in object storage
+        reporting.plot_tasks(numbers["tasks"], os.path.join(tmp, "per_task.png"))
+        reporting.plot_histogram(numbers["dist"], os.path.join(tmp, "scores.png"))
+        for name in ("per_task.png", "scores.png"):
+            if os.path.exists(os.path.join(tmp, name)):
+                with ctx.run.fs.open_output_stream(posixpath.join(out, name)) as f:
+                    f.write(Path(tmp, name).read_bytes())
     text = reporting.markdown(**numbers)
     with ctx.run.fs.open_output_stream(posixpath.join(out, "report.md")) as f:
         f.write(text.encode())
@@ -277,7 +284,7 @@ def evaluate(ctx: StageRun) -> dict:
                "position_bias": numbers["bias"], "decontamination": decontamination, "costs": costs}  # fmt: skip
     with ctx.run.fs.open_output_stream(posixpath.join(out, "summary.json")) as f:
         f.write(json.dumps(summary, indent=1).encode())
-    return {**summary, "dataset": described, "report": ctx.run.path("eval", "report.md"), "seconds": round(time.time() - started, 2)}
+    return {**summary, "dataset": described, "report": ctx.run.uri_of("eval", "report.md"), "seconds": round(time.time() - started, 2)}
 
 
 def _num(x):

@@ -9,21 +9,26 @@ lists is at most the number of tokens they share, so F ≤ 2·shared / (len a + 
 shared counts of every candidate in one pass over the new question's tokens, so the cost follows the few similar
 questions, not the pool's size.
 
-Every decision is journaled (flushed, fsynced) to `<dir>/journal.jsonl`: which examples a note's prompt used, and
-which questions were offered and accepted. A resumed job replays it, so a note asks the same prompt again (and the
+Every decision is journaled (`<dir>/journal-*.jsonl`, an `AppendLog`: fsynced, or one object per decision on
+object storage) before it is used: which examples a note's prompt used, and which questions were offered and
+accepted. Writers are named by their start time, so the journals replay in the order they were written. A resumed job replays it, so a note asks the same prompt again (and the
 teacher ledger answers it without paying) and the pool is what it was.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
+import time
+import uuid
 from collections import Counter, defaultdict
 
 from rouge_score import rouge_scorer, tokenizers
 
-from asclepius.run import make_private_dir, open_private, stable_fraction
+from asclepius.run import stable_fraction
+from asclepius.storage import AppendLog, read_log
+
+JOURNAL = "journal"
 
 
 class TaskPool:
@@ -88,15 +93,12 @@ class TaskPool:
 def recorded_plans(journal_dir: str) -> dict[str, dict]:
     """The example plans a journal already holds (note id → plan): a resumed stage prices those notes' requests
     with their exact prompts, so what the ledger answers is not counted (or paid) again."""
-    path = os.path.join(journal_dir, "journal.jsonl")
     plans: dict[str, dict] = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):
-                    rec = json.loads(line)
-                    if rec["kind"] == "plan":
-                        plans[rec["note_id"]] = rec
+    for line, whole in read_log(journal_dir, JOURNAL):
+        if whole:
+            rec = json.loads(line)
+            if rec["kind"] == "plan":
+                plans[rec["note_id"]] = rec
     return plans
 
 
@@ -113,34 +115,27 @@ class QuestionPool:
         self.decisions: dict[str, dict] = {}
         self._journal = None
         if journal_dir:
-            make_private_dir(os.path.dirname(os.path.abspath(journal_dir)))
-            make_private_dir(journal_dir)  # the journal holds generated questions about clinical notes
-            path = os.path.join(journal_dir, "journal.jsonl")
-            self._replay(path)
-            self._journal = open_private(path)
+            self._replay(journal_dir)
+            # the journal holds generated questions about clinical notes: private (AppendLog); named by start time
+            self._journal = AppendLog(journal_dir, JOURNAL, writer_id=f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}")
 
-    def _replay(self, path: str) -> None:
-        if not os.path.exists(path):
-            return
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    break  # cut short by a kill: that decision never counted
-                rec = json.loads(line)
-                if rec["kind"] == "plan":
-                    self.plans[rec["note_id"]] = rec
-                elif rec["kind"] == "offer":
-                    self.decisions[rec["note_id"]] = rec
-                    if rec["accepted"]:
-                        pool = self.tasks[rec["task"]]
-                        pool.pool.append(rec["question"])
-                        pool._add(rec["question"])
+    def _replay(self, journal_dir: str) -> None:
+        for line, whole in read_log(journal_dir, JOURNAL):
+            if not whole:
+                continue  # cut short by a kill: that decision never counted
+            rec = json.loads(line)
+            if rec["kind"] == "plan":
+                self.plans[rec["note_id"]] = rec
+            elif rec["kind"] == "offer":
+                self.decisions[rec["note_id"]] = rec
+                if rec["accepted"]:
+                    pool = self.tasks[rec["task"]]
+                    pool.pool.append(rec["question"])
+                    pool._add(rec["question"])
 
     def _write(self, record: dict) -> None:
         if self._journal is not None:
-            self._journal.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
+            self._journal.append(record)
 
     def examples(self, note_id: str, task: str) -> dict:
         """The examples for a note's prompt: the recorded ones if it already has a plan for this task."""

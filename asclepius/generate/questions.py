@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 
@@ -27,6 +26,7 @@ from asclepius.generate.postprocess import clean_question
 from asclepius.generate.prompts import question_prompt, task_for
 from asclepius.generate.split import held_out_notes
 from asclepius.run import RunDir, Stage, StageRun
+from asclepius.storage import uri_join
 from asclepius.teacher.client import token_counter
 from asclepius.teacher.ray_data import (
     ask_rows,
@@ -164,7 +164,7 @@ def question_requests(cfg: Config, notes: pd.DataFrame, counter, counts: Counter
 
 
 def journal_dir(directory: str, journal_key: str) -> str:
-    return os.path.join(directory + "_pool", journal_key)
+    return uri_join(directory + "_pool", journal_key)
 
 
 def ask_questions(cfg: Config, teacher, rows: list[dict], directory: str, journal_key: str, stage: str = "questions", spent_usd: float = 0.0):

@@ -31,6 +31,7 @@ from asclepius import metrics
 from asclepius.config import ServeConfig, ServedModelConfig
 from asclepius.recipe import load_recipe
 from asclepius.serve.schemas import AnswerRequest, ChatCompletionRequest, CompletionRequest, RefusedField
+from asclepius.storage import is_remote, local_copy
 
 log = logging.getLogger("asclepius.serve")
 MAX_BODY_BYTES = 16 << 20
@@ -73,8 +74,10 @@ class ModelServer:
         # Ray gives a worker one thread per reserved CPU (OMP_NUM_THREADS); torch_threads can use more of a node
         # than the replica reserves, leaving CPUs to schedule other work on.
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
-        self.tokenizer = load_tokenizer(cfg.source)
-        model = load_model(cfg.source, cfg.dtype, device)
+        # a checkpoint in object storage (s3://, gs://) is downloaded once per node into a private cache
+        source = local_copy(cfg.source) if is_remote(cfg.source) else cfg.source
+        self.tokenizer = load_tokenizer(source)
+        model = load_model(source, cfg.dtype, device)
         self.context = cfg.context_length or getattr(model.config, "max_position_embeddings", 2048)
         if device == "cuda":  # refuse a KV budget the GPU cannot hold now, not with out-of-memory under load
             from asclepius.serve.sizing import check_kv_budget

@@ -19,6 +19,7 @@ from asclepius.config import Config, ServeConfig
 from asclepius.recipe import load_recipe
 from asclepius.run import RunDir, Stage, StageRun
 from asclepius.serve.app import read_serve_key, start
+from asclepius.storage import is_remote
 
 log = logging.getLogger("asclepius.serve")
 STAGE = "serve"
@@ -38,11 +39,14 @@ def serve_config_for(cfg: Config, run: RunDir, with_run_models: bool) -> ServeCo
     """`serve.models`, plus — with_run_models — the model this run fine-tuned, as `asclepius-finetuned` with the
     first model's settings (unless the config serves that checkpoint already: never two copies of one model)."""
     serve_cfg = cfg.serve
-    finetuned = run.path("checkpoints", "finetune", "final")
-    if not (with_run_models and run.is_local and os.path.exists(os.path.join(finetuned, "config.json"))):
+    finetuned = run.uri_of("checkpoints", "finetune", "final")  # a path, or a URI every replica's node can read
+    if not (with_run_models and run.exists(run.path("checkpoints", "finetune", "final", "config.json"))):
         return serve_cfg
-    served_paths = {os.path.realpath(m.source) for m in serve_cfg.models if os.path.isdir(m.source)}
-    if FINETUNED in {m.name for m in serve_cfg.models} or os.path.realpath(finetuned) in served_paths:
+
+    def same(source: str) -> str:
+        return source.rstrip("/") if is_remote(source) else os.path.realpath(source)
+
+    if FINETUNED in {m.name for m in serve_cfg.models} or same(finetuned) in {same(m.source) for m in serve_cfg.models}:
         return serve_cfg
     extra = serve_cfg.models[0].model_copy(update={"name": FINETUNED, "source": finetuned})
     return serve_cfg.model_copy(update={"models": [*serve_cfg.models, extra]})

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import openai
 
 from asclepius.config import TeacherConfig
-from asclepius.run import open_private
+from asclepius.storage import AppendLog, read_log
 from asclepius.teacher.client import ChatOutcome, ChatRequest, is_retryable, key_identity, read_api_key
 from asclepius.teacher.cost import cost_usd
 from asclepius.teacher.ledger import Ledger, scan_ledger
@@ -62,23 +61,28 @@ class BatchRunner:
         self.price = (price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT)
         self.client = client or make_sync_client(cfg)
         self.ledger = Ledger(ledger_dir, writer_id=f"batch-{uuid.uuid4().hex[:12]}")
-        self.journal_path = os.path.join(ledger_dir, f"batches-{stage}.jsonl")
+        self.journal = AppendLog(ledger_dir, f"batches-{stage}")
         self.identity = key_identity(cfg)
         self.url = "/chat/completions" if cfg.provider == "azure" else "/v1/chat/completions"
         self.model = cfg.azure_deployment if cfg.provider == "azure" else cfg.model
 
     # ------------------------------------------------------------------------------------------- journal
     def _journaled(self) -> list[dict]:
-        if not os.path.exists(self.journal_path):
-            return []
-        with open(self.journal_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.endswith("\n")]
+        """The open batches: every created batch, minus the keys later records took out (a retry round)."""
+        records = sorted((json.loads(line) for line, whole in read_log(self.ledger_dir, f"batches-{self.stage}") if whole),
+                         key=lambda r: r.get("ts", 0))  # fmt: skip
+        batches = []
+        for rec in records:
+            if "forget" in rec:
+                drop = set(rec["forget"])
+                for b in batches:
+                    b["keys"] = [k for k in b["keys"] if k not in drop]
+            else:
+                batches.append(rec)
+        return batches
 
     def _journal(self, record: dict) -> None:
-        with open_private(self.journal_path) as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.journal.append(record)
 
     # ------------------------------------------------------------------------------------------- the provider
     def _line(self, key: str, req: ChatRequest) -> dict:
@@ -140,13 +144,13 @@ class BatchRunner:
                     outcome.http_status = status
                     outcome.error = f"batch http {status} {err.get('code', '')}".strip()
                     outcome.retryable = is_retryable(status)
-                self.ledger.append(outcome.record())
                 out[key] = outcome
         missing = keys - set(out)  # expired or cancelled batches leave lines without a result: retry them
         for key in missing:
-            outcome = ChatOutcome(key=key, status="error", error=f"batch {batch.status}", retryable=True, attempts=attempts.get(key, 1))
-            self.ledger.append(outcome.record())
-            out[key] = outcome
+            out[key] = ChatOutcome(key=key, status="error", error=f"batch {batch.status}", retryable=True, attempts=attempts.get(key, 1))
+        # one durable write per output file (one object on object storage); a kill before it reads the file again,
+        # which the provider does not charge twice
+        self.ledger.append_many([o.record() for o in out.values()])
         return out
 
     # ------------------------------------------------------------------------------------------- the run
@@ -190,13 +194,5 @@ class BatchRunner:
         return [outcomes[k] for k in order]
 
     def _forget(self, keys: list[str]) -> None:
-        """Failed lines are retried in a new batch: drop them from the journal's open batches."""
-        kept = []
-        drop = set(keys)
-        for rec in self._journaled():
-            rec["keys"] = [k for k in rec.get("keys", []) if k not in drop]
-            kept.append(rec)
-        tmp = self.journal_path + ".tmp"
-        with open_private(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.journal_path)
+        """Failed lines are retried in a new batch: take them out of the journal's open batches."""
+        self._journal({"forget": sorted(keys), "stage": self.stage, "ts": time.time()})

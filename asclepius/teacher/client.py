@@ -392,5 +392,5 @@ class TeacherClient:
             await asyncio.sleep(self._backoff(attempt, retry_after))
         await self.limiter.finished(outcome.status == "ok")
         if self.ledger is not None:
-            self.ledger.append(outcome.record())  # durable before it counts
+            await self.ledger.commit(outcome.record())  # durable before it counts
         return outcome

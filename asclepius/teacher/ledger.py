@@ -1,9 +1,15 @@
 """The request ledger: exactly-once teacher calls across crashes, kills and resubmitted jobs.
 
-Layout: `<run>/ledger/<stage>/part-<writer>.jsonl`, one append-only file per writer (a Ray actor or process), so
-many workers write at once without locks on a local or shared (NFS, Lustre, EFS) filesystem. A record is one JSON
-line, flushed and fsynced before the result counts. A reader merges every part; a line cut short by a kill is
-ignored (and counted) — its request was not finished, so it is sent again.
+Layout: `<ledger>/<stage>/part-<writer>*.jsonl`, records of one writer (a Ray actor or process) each, so many
+workers write at once without locks — on a local or shared (NFS, Lustre, EFS) filesystem one append-only file per
+writer, a record flushed and fsynced before its result counts; on object storage (s3://, gs://) one new object per
+group commit (`asclepius.storage.AppendLog`): a request's result counts only once an object holding its record is
+stored, and the requests that finish while a write is in flight share the next one. A reader merges every part; a
+local line cut short by a kill is ignored (and counted) — its request was not finished, so it is sent again.
+
+What a kill or a lost node costs: only the requests whose answers had arrived but whose record was not yet stored
+— on a filesystem one fsync, on object storage one PUT (tens of milliseconds): at most the requests one writer
+finished in that window, each sent again once.
 
 A key is finished when its record is final: a response (whatever its finish_reason) or an error that retrying
 cannot fix (a 4xx other than 408/409/429). Errors that ran out of retries are recorded too, and are tried again
@@ -14,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from asclepius.run import make_private_dir, open_private
+from asclepius.storage import AppendLog, compact, log_files, read_log
+
+PREFIX = "part"
 
 
 def request_key(endpoint: str, model: str, messages: list[dict], params: dict[str, Any], stage: str, sample_index: Any) -> str:
@@ -47,70 +54,51 @@ def is_final(record: dict) -> bool:
 
 class Ledger:
     def __init__(self, directory: str, writer_id: str | None = None):
-        if "://" in directory:
-            raise ValueError(
-                f"the request ledger needs a POSIX path (local or a shared filesystem mounted on every node), got "
-                f"{directory!r}; set teacher.ledger_dir to such a path"
-            )
         self.directory = directory
-        make_private_dir(directory)  # requests and answers hold note text: owner-only
-        self.writer_id = writer_id or uuid.uuid4().hex[:16]
-        self._path = os.path.join(directory, f"part-{self.writer_id}.jsonl")
-        self._fh = None
+        self.log = AppendLog(directory, PREFIX, writer_id or uuid.uuid4().hex[:16])
+        self.writer_id = self.log.writer_id
 
     def append(self, record: dict) -> None:
-        """Durably record one outcome: written, flushed and fsynced before this returns."""
-        if self._fh is None:
-            self._fh = open_private(self._path)
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-        self._fh.write(line + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        """Durably record one outcome: stored before this returns."""
+        self.log.append(record)
+
+    def append_many(self, records: list[dict]) -> None:
+        self.log.append_many(records)
+
+    async def commit(self, record: dict) -> None:
+        """`append` for the async client: concurrent requests share a write on object storage."""
+        await self.log.commit(record)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self.log.close()
 
     def scan(self) -> LedgerScan:
         return scan_ledger(self.directory)
 
 
-def _lines(path: str) -> Iterator[tuple[str, bool]]:
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    for i, raw in enumerate(lines):
-        complete = i < len(lines) - 1  # the part after the last newline was cut short (or is empty)
-        if raw:
-            yield raw.decode("utf-8", errors="replace"), complete
-
-
-def scan_ledger(directory: str) -> LedgerScan:
+def scan_ledger(directory: str, compact_parts: bool = False) -> LedgerScan:
+    """Every writer's records merged. `compact_parts` (object storage, no writer running) folds small objects."""
+    if compact_parts:
+        compact(directory, PREFIX)
     records: dict[str, dict] = {}
     retryable: dict[str, dict] = {}
-    torn = files = 0
-    if not os.path.isdir(directory):
-        return LedgerScan(records, retryable, 0, 0)
-    for name in sorted(os.listdir(directory)):
-        if not (name.startswith("part-") and name.endswith(".jsonl")):
+    torn = 0
+    files = len(log_files(directory, PREFIX))
+    for line, complete in read_log(directory, PREFIX):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
             continue
-        files += 1
-        for line, complete in _lines(os.path.join(directory, name)):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                torn += 1
-                continue
-            if not complete:
-                torn += 1  # valid JSON but no newline: the fsync may not have finished; do not trust it
-                continue
-            key = record.get("key")
-            if not key:
-                continue
-            if is_final(record):
-                records[key] = record
-                retryable.pop(key, None)
-            elif key not in records:
-                retryable[key] = record
+        if not complete:
+            torn += 1  # valid JSON but no newline: the fsync may not have finished; do not trust it
+            continue
+        key = record.get("key")
+        if not key:
+            continue
+        if is_final(record):
+            records[key] = record
+            retryable.pop(key, None)
+        elif key not in records:
+            retryable[key] = record
     return LedgerScan(records, retryable, torn, files)

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -24,6 +23,7 @@ import ray
 
 from asclepius.config import Config, TeacherConfig
 from asclepius.run import RunDir, make_private_dir
+from asclepius.storage import uri_join
 from asclepius.teacher.client import (
     ActorLimiter,
     ChatRequest,
@@ -166,7 +166,7 @@ def plan_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, ledger_d
     """Before spending: count requests, tokens and dollars (minus what the ledger already holds), print them,
     and stop if the budget (pipeline-wide: `spent_usd` were spent by earlier stages) would be exceeded."""
     defaults = defaults or {}
-    scan = scan_ledger(ledger_dir)
+    scan = scan_ledger(ledger_dir, compact_parts=True)  # before any actor writes: many small objects become one
     counts = ds.map_batches(
         _count_batch, batch_format="pyarrow", fn_kwargs=dict(cfg=cfg, stage=stage, defaults=defaults, finished=frozenset(scan.records)),
         num_cpus=0.1,  # counting tokens is light; a whole CPU may not be free while the teacher is served here
@@ -280,13 +280,10 @@ def user_messages(content: str) -> str:
 def ledger_dir(cfg: Config, run: RunDir, stage: str) -> str:
     """Where a stage's teacher requests are journaled: kept across attempts, so a rerun never pays twice."""
     if cfg.teacher and cfg.teacher.ledger_dir:
-        path = os.path.join(cfg.teacher.ledger_dir, stage)
-    elif not run.is_local:
-        raise ValueError("the run directory is an object store URI: set teacher.ledger_dir to a shared POSIX path")
-    else:
-        path = os.path.join(run.root, "ledger", stage)
-    make_private_dir(os.path.dirname(path))
-    return make_private_dir(path)
+        return uri_join(cfg.teacher.ledger_dir, stage)
+    if run.is_local:
+        make_private_dir(run.path("ledger"))
+    return run.uri_of("ledger", stage)
 
 
 def teacher_identity(cfg: Config) -> str:

@@ -89,6 +89,13 @@ def two_node_cluster(worker_resources: dict[str, float], head_cpus: int = 1, wor
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     gcs_port, dashboard_port = free_port(), free_port()
 
+    def own_ports() -> list[str]:
+        # Ray's fixed defaults (agent 52365, client server 10001, ...) are taken by any other Ray on the machine — the
+        # test session's own instance among them — and a head whose agent cannot bind never accepts a job
+        # ("No available agent to submit job"). Every node gets ports of its own.
+        names = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"]
+        return [f"--{name}={free_port()}" for name in names]
+
     def start(args: list[str]) -> None:
         proc = subprocess.run([RAY, "start", *args], env=env, capture_output=True, text=True, timeout=300, check=False)
         if proc.returncode:
@@ -96,9 +103,10 @@ def two_node_cluster(worker_resources: dict[str, float], head_cpus: int = 1, wor
 
     try:
         start(["--head", f"--port={gcs_port}", f"--num-cpus={head_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dashboard_port}", f"--temp-dir={root / 'head'}", "--disable-usage-stats"])  # fmt: skip
+               f"--dashboard-port={dashboard_port}", f"--temp-dir={root / 'head'}", "--disable-usage-stats",
+               f"--ray-client-server-port={free_port()}", *own_ports()])  # fmt: skip
         start([f"--address=127.0.0.1:{gcs_port}", f"--num-cpus={worker_cpus}", f"--resources={json.dumps(worker_resources)}",
-               f"--temp-dir={root / 'worker'}", "--disable-usage-stats"])  # fmt: skip
+               f"--temp-dir={root / 'worker'}", "--disable-usage-stats", *own_ports()])  # fmt: skip
         cluster = Cluster(root, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", env)
         deadline = time.time() + 120
         while len(cluster.node_ids()) < 2:

@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from asclepius.storage import is_remote, open_uri, uri_join, write_bytes
+
 IGNORE = -100
 BLOCK_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())), ("segment_ids", pa.list_(pa.int32()))])
 
@@ -308,18 +310,34 @@ def to_columns(blocks: list[Block]) -> dict[str, list[list[int]]]:
 
 # ----------------------------------------------------------------------------------------------- files the workers read
 def write_blocks(table: pa.Table, out_dir: str) -> str:
-    path = os.path.join(out_dir, f"blocks-{uuid.uuid4().hex}.arrow")
+    """One Arrow IPC file of blocks under `out_dir` (a path or an object storage URI); returns its name there."""
+    name = f"blocks-{uuid.uuid4().hex}.arrow"
+    if is_remote(out_dir):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, BLOCK_SCHEMA) as writer:
+            writer.write_table(table)
+        write_bytes(uri_join(out_dir, name), sink.getvalue().to_pybytes())  # one PUT: whole or absent
+        return uri_join(out_dir, name)
+    path = os.path.join(out_dir, name)
     with pa.OSFile(path + ".tmp", "wb") as sink, pa.ipc.new_file(sink, BLOCK_SCHEMA) as writer:
         writer.write_table(table)
     os.replace(path + ".tmp", path)  # a file is whole or absent
     return path
 
 
+def _read_blocks(uri: str) -> pa.Table:
+    if not is_remote(uri):
+        return pa.ipc.open_file(pa.memory_map(uri, "r")).read_all()
+    fs, path = open_uri(uri)
+    with fs.open_input_file(path) as f:
+        return pa.ipc.open_file(f).read_all()
+
+
 class BlockSource:
-    """A worker's view of the block files: memory-mapped, read in the epoch's order."""
+    """A worker's view of the block files: memory-mapped (or read once from object storage), in the epoch's order."""
 
     def __init__(self, files: list[str]):
-        tables = [pa.ipc.open_file(pa.memory_map(f, "r")).read_all() for f in files]
+        tables = [_read_blocks(f) for f in files]
         self.table = pa.concat_tables(tables) if tables else BLOCK_SCHEMA.empty_table()
 
     def __len__(self) -> int:

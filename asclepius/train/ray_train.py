@@ -7,23 +7,31 @@
 them, groups notes into blocks (pretraining, the recipe's group_texts per batch of 1,000 notes) or packs
 instruction examples (best-fit decreasing, O(n log n)), and writes each batch's blocks as an Arrow IPC file under
 `<run>/ray_train/<stage>-<attempt>/data/` — token lists never come to the driver. Every worker memory-maps the
-files (one copy per node in the page cache) and reads the blocks of an epoch in a permutation seeded by
+files (one copy per node in the page cache; read once from object storage when the run lives there) and reads the blocks of an epoch in a permutation seeded by
 (seed, epoch), dealt round-robin to the workers: a new order every epoch, and the same one when a run resumes.
 
 **Training.** Every rank saves its DeepSpeed shard and reports it; Ray Train keeps `num_to_keep` checkpoints in
 `<run>/ray_train/<stage>-<attempt>`, restarts failed workers from the latest (`max_failures`), and a stage that
 was cut off resumes its attempt (asclepius.run). The export goes to the stage's staging output and is published
 when the stage completes.
+
+**Object storage.** With `run_dir: s3://...` (or gs://) Ray Train checkpoints through `storage_filesystem`, a
+pretrained model that finetuning starts from is downloaded once per node (asclepius.storage.local_copy; the
+tokenizing tasks fetch only its tokenizer files), the HF export is written to a local temporary folder and
+uploaded, and rank 0's metrics log is uploaded every `METRICS_UPLOAD_S` seconds and at each checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
+import posixpath
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import ray
@@ -31,6 +39,7 @@ import ray
 from asclepius.config import Config, TrainHyperparams
 from asclepius.recipe import load_recipe
 from asclepius.run import RunDir, Stage, StageRun
+from asclepius.storage import is_remote, local_copy, read_bytes, upload_dir, uri_join, write_bytes
 from asclepius.train.data import (
     BlockSource,
     blocks_table,
@@ -46,6 +55,7 @@ from asclepius.train.settings import accumulation_steps, torch_extensions_dir
 log = logging.getLogger("asclepius.train")
 NOTES_PER_GROUP = 1000  # HF run_clm's group_texts concatenates per map batch of 1,000 texts (the recipe's pretraining)
 EXAMPLES_PER_PACK = 20000  # instruction examples packed together: more gives no measurable gain in padding
+METRICS_UPLOAD_S = 30.0  # object storage: how often rank 0's metrics log is rewritten (one small PUT)
 
 
 # ----------------------------------------------------------------------------------------------- data (Ray Data)
@@ -66,7 +76,8 @@ def _tokenizer(source: str, use_fast: bool | None):
 
     key = (source, use_fast)
     if key not in _TOKENIZERS:  # once per Ray worker process, not once per batch
-        _TOKENIZERS[key] = load_tokenizer(source, use_fast=use_fast)
+        local = local_copy(source, weights=False) if is_remote(source) else source  # a tokenizer needs no weights
+        _TOKENIZERS[key] = load_tokenizer(local, use_fast=use_fast)
     return _TOKENIZERS[key]
 
 
@@ -123,26 +134,24 @@ def build_blocks(ctx: StageRun, source: str) -> dict:
     """Tokenize and pack the stage's data in Ray Data tasks into Arrow files; the counts. Reused by a resumed attempt."""
     cfg, run, stage = ctx.cfg, ctx.run, ctx.stage.name
     hp: TrainHyperparams = getattr(cfg, stage)
-    out_dir = run.path("ray_train", f"{stage}-{ctx.attempt}", "data")
-    done_file = os.path.join(out_dir, "_blocks.json")
-    if os.path.exists(done_file):
-        with open(done_file, encoding="utf-8") as f:
-            return json.load(f)
-    if os.path.isdir(out_dir):
-        for leftover in glob.glob(os.path.join(out_dir, "*")):
-            os.remove(leftover)  # a crash while building: build again
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = run.uri_of("ray_train", f"{stage}-{ctx.attempt}", "data")  # the tasks may run on any node
+    done_file = uri_join(out_dir, "_blocks.json")
+    done = read_bytes(done_file)
+    if done is not None:
+        return json.loads(done)
+    run.delete_dir(run.path("ray_train", f"{stage}-{ctx.attempt}", "data"))  # a crash while building: build again
+    run.fs.create_dir(run.path("ray_train", f"{stage}-{ctx.attempt}", "data"), recursive=True)
     use_fast = cfg.model.use_fast_tokenizer
     if stage == "pretrain":
         files = _table_files(run, "notes", "synthetic_notes")
         held_out = frozenset(run.read_frame("eval_notes", ["note_id"]).note_id)
-        ds = ray.data.read_parquet(files, columns=["note_id", "source", "text"]) if files else ray.data.from_items([])
+        ds = ray.data.read_parquet(files, columns=["note_id", "source", "text"], filesystem=run.fs) if files else ray.data.from_items([])
         ds = ds.map_batches(_select_pretraining, batch_format="pandas", fn_kwargs={"held_out": held_out, "case_reports": frozenset(cfg.synthesize.case_report_sources)})
         task, batch_size = _pretrain_task, NOTES_PER_GROUP
         kwargs = {"source": source, "use_fast": use_fast, "block_len": hp.max_len, "out_dir": out_dir}
     else:
         files = _table_files(run, "instructions")
-        ds = ray.data.read_parquet(files, columns=["note", "question", "answer"]) if files else ray.data.from_items([])
+        ds = ray.data.read_parquet(files, columns=["note", "question", "answer"], filesystem=run.fs) if files else ray.data.from_items([])
         task, batch_size = _finetune_task, EXAMPLES_PER_PACK
         kwargs = {"source": source, "use_fast": use_fast, "template": load_recipe().model_prompt, "hp": hp, "out_dir": out_dir}
     if files:
@@ -157,9 +166,7 @@ def build_blocks(ctx: StageRun, source: str) -> dict:
         "padding_fraction": round(1 - parts["real_tokens"].sum() / max(1, parts["block_tokens"].sum()), 4),
         "packing": hp.packing if stage == "finetune" else "blocks", "block_len": packed_block_len(hp) if stage == "finetune" else hp.max_len,
     }  # fmt: skip
-    with open(done_file + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(stats, f)
-    os.replace(done_file + ".tmp", done_file)
+    write_bytes(done_file, json.dumps(stats).encode())
     return stats
 
 
@@ -210,14 +217,15 @@ def _worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(hp.seed)
 
+    metrics_log = _MetricsLog(config["metrics_file"]) if rank == 0 else None
+
     class RayContext(TrainContext):
         def report(self, metrics, checkpoint_dir=None, step=0):
             from ray.train import Checkpoint
 
             self.history.append(metrics)
             if rank == 0:  # a JSON lines log for the loss curve, and the dashboard's gauges
-                with open(config["metrics_file"], "a", encoding="utf-8") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                metrics_log.append(metrics, force_upload=checkpoint_dir is not None)
                 from asclepius import metrics as dashboard
 
                 dashboard.training_step(config["section"], metrics["step"], metrics["loss"], metrics["tokens_per_s"], metrics.get("mfu"))
@@ -229,23 +237,56 @@ def _worker(config: dict) -> None:
             return ckpt.as_directory() if ckpt else contextlib.nullcontext(None)
 
     packed_attention, implementation = attention_for(hp, config["section"], hp.use_gpu)
-    tokenizer = load_tokenizer(config["source"], use_fast=config["use_fast"])
-    model = load_model(config["source"], dtype="float32" if not hp.use_gpu else "bfloat16", device="cuda" if hp.use_gpu else "cpu",
+    source = local_copy(config["source"]) if is_remote(config["source"]) else config["source"]  # once per node
+    tokenizer = load_tokenizer(source, use_fast=config["use_fast"])
+    model = load_model(source, dtype="float32" if not hp.use_gpu else "bfloat16", device="cuda" if hp.use_gpu else "cpu",
                        attn_implementation=implementation)  # fmt: skip
-    source = BlockSource(config["block_files"])
+    blocks = BlockSource(config["block_files"])
 
     def batches(epoch, first):
-        return source.batches(epoch, first, seed=hp.seed, rank=rank, world=world, per_epoch=config["steps_per_epoch"] * config["accumulation"],
+        return blocks.batches(epoch, first, seed=hp.seed, rank=rank, world=world, per_epoch=config["steps_per_epoch"] * config["accumulation"],
                               rows=config["rows_per_batch"])  # fmt: skip
 
+    # save_pretrained needs a local folder: on object storage the export is written here, then uploaded
+    remote_export = is_remote(config["export_dir"])
+    export_dir = tempfile.mkdtemp(prefix="asclepius-export-") if remote_export else config["export_dir"]
     result = train(
         model, batches, config["steps_per_epoch"], hp, config["section"], RayContext(rank=rank, world_size=world),
-        export_dir=config["export_dir"], tokenizer=tokenizer, packed_attention=packed_attention, max_steps=hp.max_steps,
+        export_dir=export_dir, tokenizer=tokenizer, packed_attention=packed_attention, max_steps=hp.max_steps,
         checkpoint_every=hp.checkpoint_every_steps, accumulation=config["accumulation"],
     )  # fmt: skip
     if rank == 0:
-        with open(config["summary_file"], "w", encoding="utf-8") as f:
-            json.dump({"final_step": result.final_step, "resumed_from": result.resumed_from}, f)
+        if remote_export:
+            upload_dir(export_dir, config["export_dir"])
+        metrics_log.upload()
+        write_bytes(config["summary_file"], json.dumps({"final_step": result.final_step, "resumed_from": result.resumed_from}).encode())
+    if remote_export:
+        shutil.rmtree(export_dir, ignore_errors=True)
+
+
+class _MetricsLog:
+    """Rank 0's JSON lines of step metrics: appended to a local or shared file, or — object storage has no append —
+    kept in memory (after what an earlier worker of this attempt stored) and rewritten every METRICS_UPLOAD_S."""
+
+    def __init__(self, uri: str):
+        self.uri, self.remote = uri, is_remote(uri)
+        self.lines = (read_bytes(uri) or b"").decode().splitlines(keepends=True) if self.remote else []
+        self.uploaded = time.time()
+
+    def append(self, metrics: dict, force_upload: bool = False) -> None:
+        line = json.dumps(metrics) + "\n"
+        if not self.remote:
+            with open(self.uri, "a", encoding="utf-8") as f:
+                f.write(line)
+            return
+        self.lines.append(line)
+        if force_upload or time.time() - self.uploaded > METRICS_UPLOAD_S:
+            self.upload()
+
+    def upload(self) -> None:
+        if self.remote:
+            write_bytes(self.uri, "".join(self.lines).encode())
+            self.uploaded = time.time()
 
 
 def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
@@ -263,23 +304,24 @@ def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
     steps_per_epoch = stats["blocks"] // hp.num_workers // rows_per_batch // accum
     if steps_per_epoch < 1:
         raise ValueError(f"{stage}: {stats['blocks']} blocks are not enough for one step of global batch {hp.global_batch}; lower {stage}.global_batch")
-    stage_dir = ctx.local_output(f"checkpoints/{stage}")
+    stage_dir = ctx.output_uri(f"checkpoints/{stage}")  # rank 0 writes there, on whichever node it runs
     config = {
         "hp": hp, "section": stage, "source": source, "steps_per_epoch": steps_per_epoch, "rows_per_batch": rows_per_batch,
         "accumulation": accum, "block_files": stats["files"],
-        "export_dir": os.path.join(stage_dir, "final"), "metrics_file": os.path.join(stage_dir, "metrics.jsonl"),
-        "summary_file": os.path.join(stage_dir, "summary.json"), "torch_extensions_dir": torch_extensions_dir(),
+        "export_dir": uri_join(stage_dir, "final"), "metrics_file": uri_join(stage_dir, "metrics.jsonl"),
+        "summary_file": uri_join(stage_dir, "summary.json"), "torch_extensions_dir": torch_extensions_dir(),
         "use_fast": cfg.model.use_fast_tokenizer if cfg.model else None,
     }  # fmt: skip
-    if not ctx.resumed and os.path.exists(config["metrics_file"]):
-        os.remove(config["metrics_file"])  # a new attempt's curve never mixes with an older one's
+    metrics_path = posixpath.join(ctx.output(f"checkpoints/{stage}"), "metrics.jsonl")
+    if not ctx.resumed and run.exists(metrics_path):
+        run.fs.delete_file(metrics_path)  # a new attempt's curve never mixes with an older one's
     log.info("%s: %d blocks, %d steps/epoch, accumulation %d, ~%.0f examples per step", stage, stats["blocks"], steps_per_epoch, accum, examples_per_step)
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=hp.num_workers, use_gpu=hp.use_gpu, resources_per_worker={"CPU": hp.cpus_per_worker, **hp.resources_per_worker}),
         run_config=RunConfig(
-            storage_path=run.path("ray_train"), name=f"{stage}-{ctx.attempt}",
+            storage_path=run.path("ray_train"), storage_filesystem=None if run.is_local else run.fs, name=f"{stage}-{ctx.attempt}",
             checkpoint_config=CheckpointConfig(num_to_keep=hp.num_to_keep),
             failure_config=FailureConfig(max_failures=hp.max_failures),
         ),  # fmt: skip
@@ -288,11 +330,12 @@ def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
     started = time.time()
     with _TrainingProgress(stage, config["metrics_file"], steps_per_epoch, hp):
         trainer.fit()
-    with open(config["summary_file"], encoding="utf-8") as f:
-        summary = json.load(f)
+    summary = json.loads(read_bytes(config["summary_file"]))
     history = _history(config["metrics_file"])
-    plot_loss(history, os.path.join(stage_dir, "loss.png"), stage)
-    published = run.path("checkpoints", stage, "final")
+    with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes a local file
+        plot_loss(history, os.path.join(tmp, "loss.png"), stage)
+        write_bytes(uri_join(stage_dir, "loss.png"), Path(tmp, "loss.png").read_bytes())
+    published = run.uri_of("checkpoints", stage, "final")
     return {
         **summary, "steps_per_epoch": steps_per_epoch, "accumulation": accum, "examples_per_step": round(examples_per_step, 1),
         "workers": hp.num_workers, "zero_stage": hp.zero_stage,
@@ -336,13 +379,12 @@ class _TrainingProgress:
         self._thread.join(timeout=5)
 
 
-def _history(path: str) -> list[dict]:
+def _history(uri: str) -> list[dict]:
     by_step: dict[int, dict] = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                m = json.loads(line)
-                by_step[m["step"]] = m  # a resumed run repeats no step, but a restarted worker may: last wins
+    for line in (read_bytes(uri) or b"").decode().splitlines():
+        if line.strip():
+            m = json.loads(line)
+            by_step[m["step"]] = m  # a resumed run repeats no step, but a restarted worker may: last wins
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -377,7 +419,7 @@ def pretrain(ctx: StageRun) -> dict:
 def finetune(ctx: StageRun) -> dict:
     cfg = ctx.cfg
     pretrained = ctx.run.path("checkpoints", "pretrain", "final")
-    source = pretrained if os.path.exists(os.path.join(pretrained, "config.json")) else _base_source(cfg)
+    source = ctx.run.uri_of("checkpoints", "pretrain", "final") if ctx.run.exists(posixpath.join(pretrained, "config.json")) else _base_source(cfg)
     stats = build_blocks(ctx, source)
     return {"data": {k: v for k, v in stats.items() if k != "files"}, "base": source, **fit(ctx, source, stats, rows_per_batch(cfg.finetune))}
 

@@ -1,5 +1,6 @@
 """synthesize → questions → answers on Ray against the local OpenAI-compatible test server."""
 
+import contextlib
 import csv
 import json
 import os
@@ -14,7 +15,9 @@ import yaml
 
 from asclepius.config import config_from_dict
 from asclepius.pipeline import run_pipeline
+from asclepius.run import RunDir
 from asclepius.teacher.ledger import scan_ledger
+from asclepius.testing.s3 import s3_env, s3_test_server
 from asclepius.testing.server_process import openai_test_server
 
 pytestmark = pytest.mark.ray
@@ -91,18 +94,28 @@ def test_three_stages_end_to_end(ray_local, tmp_path):
         assert all(e.get("skipped") for e in again.values()) and len(server.stats()["requests"]) == sent
 
 
-def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path):
-    with openai_test_server(rpm=100000, tpm=10**9, latency_s=1.5, completion_tokens=20) as server:
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path, storage):
+    """kill -9 of the job (driver and its Ray instance) mid-stage, then the same command again: nothing finished is
+    sent twice — with the run on a local disk, and in S3 (the ledger's group-committed objects)."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(openai_test_server(rpm=100000, tpm=10**9, latency_s=1.5, completion_tokens=20))
         data = config(tmp_path, server, synthesize={"limit": 12, "max_tokens_cap": 32})
+        env = {**os.environ, "RAY_ADDRESS": ""}
+        if storage == "s3":
+            s3 = stack.enter_context(s3_test_server())
+            stack.enter_context(s3_env(s3))  # this process reads the ledger there too
+            env.update(s3.env)
+            data["run_dir"] = s3.uri("killed-run")
         data["teacher"]["num_actors"] = 1
         data["teacher"]["concurrency_per_actor"] = 1  # one at a time: the kill lands midway
         (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
         cmd = [sys.executable, "-m", "asclepius.cli", "run", "--config", str(tmp_path / "cfg.yaml"), "--stage", "notes", "--stage", "synthesize"]
-        env = {**os.environ, "RAY_ADDRESS": ""}
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-        ledger = tmp_path / "run" / "ledger" / "synthesize"
+        run = RunDir.open(data["run_dir"])
+        ledger = run.uri_of("ledger", "synthesize")
         deadline = time.time() + 240
-        while len(scan_ledger(str(ledger)).records) < 3:
+        while len(scan_ledger(ledger).records) < 3:
             assert proc.poll() is None and time.time() < deadline, "the job ended before it could be killed"
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
@@ -111,7 +124,7 @@ def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path):
         # wait until it stops changing, then take what is finished.
         done_before, stable_since = set(), time.time()
         while time.time() - stable_since < 3:
-            now = set(scan_ledger(str(ledger)).records)
+            now = set(scan_ledger(ledger).records)
             if now != done_before:
                 done_before, stable_since = now, time.time()
             time.sleep(0.2)
@@ -122,9 +135,9 @@ def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path):
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         after = [r["key"] for r in server.stats()["requests"][sent_before:]]
         assert not set(after) & done_before
-        synth = pd.read_parquet(tmp_path / "run" / "synthetic_notes")
+        synth = run.read_frame("synthetic_notes")
         assert len(synth) == 12 and synth.note_id.is_unique
-        entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["synthesize"]
+        entry = run.stage_entry("synthesize")
         assert entry["teacher"]["from_ledger"] == len(done_before)
 
 

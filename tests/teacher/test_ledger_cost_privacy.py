@@ -56,11 +56,6 @@ def test_many_processes_write_at_once(tmp_path):
     assert len(scan.records) == 800 and scan.torn_lines == 0
 
 
-def test_ledger_refuses_object_store_uris():
-    with pytest.raises(ValueError, match="POSIX path"):
-        Ledger("s3://bucket/ledger")
-
-
 # ---------------------------------------------------------------------------------------------------- cost
 def test_prices_and_estimate():
     assert price_for("gpt-4o-2024-08-06", {}, self_hosted=False) == (2.5, 10.0)  # a snapshot costs its family's
