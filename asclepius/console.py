@@ -21,6 +21,8 @@ log = logging.getLogger("asclepius")
 # Ray's C++ core worker writes its own lines ("[2026-01-01 12:00:00,000 E 123 456] core_worker.cc:...") straight to
 # file descriptor 2, past Python's logging; the quiet console sends them to the log file instead.
 NATIVE_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+# what Ray's driver prints for its processes, e.g. "(raylet) WARNING: 8 PYTHON worker processes have been started"
+RAY_PROCESS_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|autoscaler|gcs_server)[^)]*\)")
 TERMINAL: dict = {"stream": None}  # the real stderr when it is a terminal (for live bars), set by setup_console
 
 
@@ -90,11 +92,16 @@ def sample_answer(cfg) -> str | None:
         return None
     note = notes.iloc[0]
     question = load_recipe().tasks[7].seed_questions[1]  # a Question Answering seed question
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: not for the newcomer's screen
     tok = load_tokenizer(model_dir)
     prompt = load_recipe().model_prompt.format(note=note.text.strip("\n"), question=question)
     text, _, _ = Engine(load_model(model_dir), tok).generate([GenRequest(text_prompt_ids(tok, prompt), 96, temperature=0)])[0]
+    # the whole answer, its lines under one another (blank lines dropped: a small model's answer has many)
+    answer = "\n            ".join(line.rstrip() for line in text.strip().splitlines() if line.strip()) or "(empty)"
     return (f"\nthe fine-tuned model on a bundled fictional note ({note.note_id}):\n  question: {question}\n"
-            f"  answer:   {text.strip() or '(empty)'}\n(a 135M model after a few CPU steps: the machinery is real, the answer is not clinical advice)")  # fmt: skip
+            f"  answer:   {answer}\n(a 135M model after a few CPU steps: the machinery is real, the answer is not clinical advice)")  # fmt: skip
 
 
 def _route_native_stderr(log_file: str | None) -> None:
@@ -112,7 +119,7 @@ def _route_native_stderr(log_file: str | None) -> None:
     def pump() -> None:
         with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as pipe:
             for line in pipe:
-                if NATIVE_LOG_LINE.match(line):
+                if NATIVE_LOG_LINE.match(line) or RAY_PROCESS_LINE.match(line):
                     if keep:
                         keep.write(line)
                         keep.flush()

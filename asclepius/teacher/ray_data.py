@@ -239,16 +239,17 @@ class Progress:
     def _loop(self):
         bar = _live_bar(self.stage, self.plan.estimate.requests)
         every = 1.0 if bar else self.cfg.progress_every_s  # a live bar in a terminal; a line every few seconds otherwise
-        shown_state, quiet_ticks = (0, 0, 0, 0, 0), 0  # nothing sent yet: no line until something moves
+        shown_state, quiet_ticks = (0, 0, 0, 0), 0  # nothing answered yet: no line until something moves
         while not self._stop.wait(every):
             try:
                 line = self.line()
                 if bar:
                     bar.update(self.last["finished"], line.split(": ", 1)[1])
                     continue
-                # a line when something moved (rows, attempts, retries, 429s), else one every HEARTBEAT_TICKS: a
-                # long wait for slow answers still shows the stage is alive, without a screen of identical lines
-                state = tuple(self.last.get(k) for k in ("finished", "failed", "granted", "retries", "rate_limited"))
+                # a line when something moved (rows, retries, 429s — not the first sends, which the stage's plan line
+                # already said), else one every HEARTBEAT_TICKS: a long wait for slow answers still shows the stage
+                # is alive, without a screen of identical lines
+                state = tuple(self.last.get(k) for k in ("finished", "failed", "retries", "rate_limited"))
                 quiet_ticks = 0 if state != shown_state else quiet_ticks + 1
                 if state != shown_state or quiet_ticks % HEARTBEAT_TICKS == 0:
                     log.info("%s", line, extra={"console": True})
