@@ -43,7 +43,7 @@ class RayConfig(StrictModel):
 
 class StorageConfig(StrictModel):
     endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint for an s3:// run_dir (MinIO, Ceph, a local test server); exported as "
+        None, pattern=r"^https?://[^\s/]+(/\S*)?$", description="S3-compatible endpoint for an s3:// run_dir (MinIO, Ceph, a local test server); exported as "
         "AWS_ENDPOINT_URL to the driver and every Ray worker. Credentials are never in the config: they come from the "
         "usual AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, the node's instance role, IRSA).",
     )

@@ -44,6 +44,9 @@ def test_errors_name_the_field():
     assert "run_dir: Field required" in error_of({"notes": MINIMAL["notes"]})
     assert "pretrain.warmup_ratio" in error_of(overrides=["pretrain.warmup_ratio=2"])
     assert "notes.sources: List should have at least 1 item" in error_of({"run_dir": "x", "notes": {"sources": []}})
+    # an object storage endpoint is a URL; credentials have no field at all (they come from the AWS chain)
+    assert "storage.endpoint_url" in error_of(overrides=["storage.endpoint_url=minio:9000"])
+    assert "storage.access_key: unknown field" in error_of(overrides=["storage.access_key=AKIA..."])
 
 
 def test_bad_overrides():
