@@ -71,7 +71,9 @@ def test_teacher_stage_and_training_metrics_are_scraped(ray_local, tmp_path):
         "ray_asclepius_teacher_requests_total", "ray_asclepius_teacher_rate_limited_total", "ray_asclepius_teacher_retries_total",
         "ray_asclepius_teacher_tokens_total", "ray_asclepius_teacher_spend_usd_total", "ray_asclepius_stage_rows_total",
         "ray_asclepius_train_loss", "ray_asclepius_train_mfu", "ray_asclepius_train_tokens_per_second",
-    ])  # fmt: skip
+    ], until=lambda f: bool(values(f["ray_asclepius_stage_rows_total"], stage="metrics_probe", outcome="read"))
+       and sum(values(f["ray_asclepius_teacher_requests_total"], stage="probe-questions", outcome="ok")) == 5
+       and bool(values(f["ray_asclepius_train_loss"], stage="probe-finetune")))  # other tests' series show first: wait for ours
     missing = [n for n, lines in found.items() if not lines]
     assert not missing, missing
     assert sum(values(found["ray_asclepius_teacher_requests_total"], stage="probe-questions", outcome="ok")) == 5
