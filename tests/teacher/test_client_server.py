@@ -151,9 +151,12 @@ def test_the_limiter_matches_each_providers_accounting(server_counts, ours, clea
     with openai_test_server(rpm=1000, tpm=4000, window_s=3, latency_s=0.05, completion_tokens=8, accounting=server_counts) as srv:
         cfg = teacher(srv, requests_per_minute=1000, tokens_per_minute=4000, window_s=3, rate_safety=0.9, rate_accounting=ours,
                       max_attempts=6)  # fmt: skip
-        msgs = [[{"role": "user", "content": "x" * (40 * (1 + i % 4))}] for i in range(70)]
+        # the mismatched limiter must be shown overrunning the server even on a loaded machine: more requests and more
+        # in flight, so the limiter (not the client's speed) decides the pace
+        n, in_flight = (70, 6) if clean else (140, 16)
+        msgs = [[{"role": "user", "content": "x" * (40 * (1 + i % 4))}] for i in range(n)]
         lim = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute, safety=cfg.rate_safety, window_s=cfg.window_s, accounting=ours)
-        outs = run_bounded(TeacherClient(cfg, LocalLimiter(lim)), [ChatRequest(m, 80, stage="t", sample_index=i) for i, m in enumerate(msgs)], 6)
+        outs = run_bounded(TeacherClient(cfg, LocalLimiter(lim)), [ChatRequest(m, 80, stage="t", sample_index=i) for i, m in enumerate(msgs)], in_flight)
         stats = srv.stats()
         assert all(o.status == "ok" for o in outs)
         if clean:
