@@ -134,13 +134,14 @@ def build_blocks(ctx: StageRun, source: str) -> dict:
     """Tokenize and pack the stage's data in Ray Data tasks into Arrow files; the counts. Reused by a resumed attempt."""
     cfg, run, stage = ctx.cfg, ctx.run, ctx.stage.name
     hp: TrainHyperparams = getattr(cfg, stage)
-    out_dir = run.uri_of("ray_train", f"{stage}-{ctx.attempt}", "data")  # the tasks may run on any node
+    folder = ("ray_train", f"{stage}-{ctx.attempt}", "data")
+    out_dir = run.uri_of(*folder)  # the tasks may run on any node
     done_file = uri_join(out_dir, "_blocks.json")
     done = read_bytes(done_file)
     if done is not None:
         return json.loads(done)
-    run.delete_dir(run.path("ray_train", f"{stage}-{ctx.attempt}", "data"))  # a crash while building: build again
-    run.fs.create_dir(run.path("ray_train", f"{stage}-{ctx.attempt}", "data"), recursive=True)
+    run.delete_dir(run.path(*folder))  # a crash while building: build again
+    run.fs.create_dir(run.path(*folder), recursive=True)
     use_fast = cfg.model.use_fast_tokenizer
     if stage == "pretrain":
         files = _table_files(run, "notes", "synthetic_notes")
