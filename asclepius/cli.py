@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         setup_console(None, verbose=True)
         return _serve(cfg, args)
     from asclepius.fits import ClusterTooSmall
+    from asclepius.keys import KeyFileProblem
+    from asclepius.lease import RunDirLeased
     from asclepius.notes.readers import NotesInputError
-    from asclepius.pipeline import STAGE_ORDER, run_pipeline
+    from asclepius.pipeline import run_pipeline
+    from asclepius.stages import STAGE_ORDER
 
     unknown = [s for s in args.stage or [] if s not in STAGE_ORDER]
     if unknown:
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     console = setup_console(cfg.run_dir, verbose=args.verbose)
     try:
         results = run_pipeline(cfg, stages=args.stage, force=args.force)
-    except (NotesInputError, ClusterTooSmall) as err:
+    except (NotesInputError, ClusterTooSmall, KeyFileProblem, RunDirLeased, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     console.ending(cfg, results)
@@ -211,25 +214,27 @@ def _serve(cfg, args) -> int:
 
         from asclepius.serve.app import serve_deploy_config
 
-        print(yaml.safe_dump(serve_deploy_config(args.print_serve_config, cfg.serve), sort_keys=False), end="")
+        print(yaml.safe_dump(serve_deploy_config(args.print_serve_config, cfg.serve, args.overrides), sort_keys=False), end="")
         return 0
     if args.vllm_config:
         import yaml
 
+        from asclepius.serve.app import with_published_sources
         from asclepius.serve.vllm import vllm_serve_config
 
         with open(args.vllm_config, "w", encoding="utf-8") as f:
-            yaml.safe_dump(vllm_serve_config(cfg.serve), f, sort_keys=False)
+            yaml.safe_dump(vllm_serve_config(with_published_sources(cfg)), f, sort_keys=False)
         print(f"wrote {args.vllm_config}: serve run {args.vllm_config}")
         return 0
     import time
 
     from asclepius.cluster import init_ray
-    from asclepius.serve.app import ServeConfigError, start
+    from asclepius.serve.app import ServeConfigError, start, with_published_sources
+    from asclepius.storage import storage_env
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, storage_env(cfg.storage.endpoint_url, cfg.storage.region))
     try:
-        url = start(cfg.serve)
+        url = start(with_published_sources(cfg))
     except ServeConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

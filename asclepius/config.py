@@ -21,6 +21,10 @@ from asclepius.recipe import load_recipe
 _RECIPE = load_recipe()
 
 
+RUN_DIR_VARIABLE = "${run_dir}"
+PLACEHOLDER = "YOUR-"  # what the presets write where only the user knows the value (bucket, Azure resource, registry)
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending field(s)."""
 
@@ -30,6 +34,11 @@ class StrictModel(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------- Ray
+class NodeTypeConfig(StrictModel):
+    resources: dict[str, float] = Field(description="What one node of the type offers Ray, e.g. {CPU: 96, GPU: 8, train_node: 8}.")
+    max_workers: int = Field(ge=0, description="How many of them the autoscaler may start.")
+
+
 class RayConfig(StrictModel):
     address: str | None = Field(
         None, description="Ray address to connect to ('auto', 'ray://...'); None starts a local instance."
@@ -39,6 +48,22 @@ class RayConfig(StrictModel):
     include_dashboard: bool = False
     check_fits: bool = Field(True, description="Before the first stage, check that every stage's workers, replicas and "
                              "actors fit the nodes the cluster has or its autoscaler can add (asclepius/fits.py).")
+    node_types: dict[str, NodeTypeConfig] | None = Field(
+        None, description="The node types the cluster's autoscaler can add, for the fits check, when it cannot read them "
+        "itself (it reads the cluster launcher's config on the head and KubeRay's RayCluster). {} declares a cluster "
+        "that adds no nodes: only the nodes it has count.",
+    )
+    preflight_timeout_s: float = Field(
+        900.0, gt=0, description="Before the first stage, how long the key-file check may wait for a node of each type "
+        "that reads a key (on a cluster that scales from zero, the node is started for it).",
+    )
+
+
+class LeaseConfig(StrictModel):
+    """One driver per run directory (asclepius/lease.py)."""
+
+    heartbeat_s: float = Field(30.0, gt=0, description="How often the driver renews its lease on the run directory.")
+    stale_after_s: float = Field(300.0, gt=0, description="A lease not renewed for this long is taken over (its driver is gone).")
 
 
 class StorageConfig(StrictModel):
@@ -288,7 +313,8 @@ class AutoscalingConfig(StrictModel):
 
 class ServedModelConfig(StrictModel):
     name: str = Field(description="The `model` name clients ask for.")
-    source: str = Field(description="HF dir, HF id, gguf:<file>, smollm2 or tiny (asclepius/models.py).")
+    source: str = Field(description="HF dir, HF id, gguf:<file>, smollm2 or tiny (asclepius/models.py); ${run_dir}/... names "
+                        "an output of this run (e.g. ${run_dir}/checkpoints/finetune/final), loaded from its published version.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None
@@ -459,6 +485,7 @@ class Config(StrictModel):
     seed: int = 0
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     notes: NotesConfig
     teacher: TeacherConfig | None = None
     teacher_from_serve: str | None = Field(
@@ -486,6 +513,15 @@ class Config(StrictModel):
                 if isinstance(given, dict):
                     data[section] = {**_recipe_train_defaults(stage), **given}
         return data
+
+    @model_validator(mode="after")
+    def _run_relative_sources(self) -> Config:
+        # a preset names the model this run exports as ${run_dir}/..., so overriding run_dir moves it too
+        if self.serve is not None:
+            for m in self.serve.models:
+                if m.source.startswith(RUN_DIR_VARIABLE):
+                    object.__setattr__(m, "source", self.run_dir.rstrip("/") + m.source[len(RUN_DIR_VARIABLE) :])
+        return self
 
     @model_validator(mode="after")
     def _evaluation_has_what_it_names(self) -> Config:
@@ -580,3 +616,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return config_from_dict(data, overrides, origin=str(path))
+
+
+def placeholders(cfg: Config) -> list[str]:
+    """The fields that still hold a preset's placeholder (YOUR-BUCKET, YOUR-RESOURCE): a run must not start with them."""
+    found = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}.{i}")
+        elif isinstance(value, str) and PLACEHOLDER in value:
+            found.append(where)
+
+    walk(cfg.model_dump(mode="json"), "")
+    run_dir = cfg.run_dir.rstrip("/") + "/"
+    derived = {f"serve.models.{i}.source" for i, m in enumerate(cfg.serve.models if cfg.serve else []) if m.source.startswith(run_dir)}
+    return [f for f in found if f not in derived]  # a ${run_dir}/... source follows run_dir: only run_dir needs a value

@@ -13,6 +13,7 @@ import logging
 import atexit
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -24,6 +25,43 @@ NATIVE_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+
 # what Ray's driver prints for its processes, e.g. "(raylet) WARNING: 8 PYTHON worker processes have been started"
 RAY_PROCESS_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|autoscaler|gcs_server)[^)]*\)")
 TERMINAL: dict = {"stream": None}  # the real stderr when it is a terminal (for live bars), set by setup_console
+
+
+LOG: dict = {"file": None}  # this driver's log file (set by setup_console)
+workers_log = logging.getLogger("asclepius.workers")
+# a worker's line worth the console: a warning or error of any logger, a traceback; and the autoscaler's events
+SHOWN_WORKER_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback \(most recent call last\)|^\w*Error: ")
+
+
+def route_worker_logs(data: dict) -> None:
+    """Ray's worker output as it reaches the driver: every line to the log file, warnings and errors (and the
+    autoscaler's node events) to the console too — so they are in `ray job logs`."""
+    pid = data.get("pid")
+    if pid == "autoscaler":  # its node events (Adding 2 node(s) of type ...), as Ray's own printer picks them
+        from ray._private.worker import filter_autoscaler_events
+
+        for line in filter_autoscaler_events(data.get("lines") or []):
+            workers_log.warning("(autoscaler) %s", line.rstrip())
+        return
+    who = data.get("actor_name") or data.get("task_name") or "worker"
+    for line in data.get("lines") or []:
+        level = logging.WARNING if SHOWN_WORKER_LINE.search(line) else logging.INFO
+        workers_log.log(level, "(%s, pid=%s, ip=%s) %s", who, pid, data.get("ip"), line.rstrip())
+
+
+def publish_log(run) -> None:
+    """A run in object storage gets the driver's log file in `<run>/logs/` (uploaded whole at every stage's end); a
+    local run writes it there already. A failed upload is a warning, never the run's end."""
+    path = LOG["file"]
+    if not path or run.is_local or not os.path.exists(path):
+        return
+    from asclepius.storage import write_bytes
+
+    try:
+        with open(path, "rb") as f:
+            write_bytes(run.uri_of("logs", os.path.basename(path)), f.read())
+    except Exception as err:  # noqa: BLE001
+        log.warning("logs: could not upload %s to the run (%s)", os.path.basename(path), type(err).__name__)
 
 
 def shown(logger: logging.Logger, message: str, *args) -> None:
@@ -61,10 +99,11 @@ class Console:
 
         run = RunDir.open(cfg.run_dir)
         for label, parts in (("model", ("checkpoints", "finetune", "final")), ("report", ("eval", "report.md"))):
-            if run.exists(run.path(*parts)):
-                out.append(f"{label}: {run.uri_of(*parts)}")
+            if run.exists(run.output_path(*parts)):
+                out.append(f"{label}: {run.output_uri(*parts)}")
         if self.log_file:
-            out.append(f"logs: {self.log_file} (Ray's own: /tmp/ray/session_latest/logs)")
+            where = self.log_file if run.is_local else f"{run.uri_of('logs', os.path.basename(self.log_file))} (local copy {self.log_file})"
+            out.append(f"logs: {where} (Ray's own: /tmp/ray/session_latest/logs)")
         print("\n".join(out), file=sys.stderr, flush=True)
         sample = sample_answer(cfg)
         if sample:
@@ -83,9 +122,9 @@ def sample_answer(cfg) -> str | None:
     from asclepius.storage import local_copy
 
     run = RunDir.open(cfg.run_dir)
-    if not run.exists(run.path("checkpoints", "finetune", "final", "config.json")):
+    if not run.exists(run.output_path("checkpoints", "finetune", "final", "config.json")):
         return None
-    model_dir = local_copy(run.uri_of("checkpoints", "finetune", "final"))
+    model_dir = local_copy(run.output_uri("checkpoints", "finetune", "final"))
     notes = run.read_frame("notes", ["note_id", "source", "text"])
     notes = notes[~notes.source.isin(cfg.synthesize.case_report_sources)].sort_values("note_id")
     if notes.empty:
@@ -157,19 +196,23 @@ def setup_console(run_dir: str | None, verbose: bool = False) -> Console:
 
         from asclepius.storage import cache_root, is_remote, make_private_dir
 
-        if is_remote(run_dir):  # a log file needs appends: the driver's log of a run in object storage stays local
+        if is_remote(run_dir):  # a log file needs appends: written locally (one per driver), uploaded at every stage's end
             logs = make_private_dir(os.path.join(cache_root(), "logs", hashlib.sha256(run_dir.encode()).hexdigest()[:16]))
+            name = f"asclepius-{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-{os.getpid()}.log"
         else:
             root_dir = os.path.abspath(os.path.expanduser(run_dir))
             os.makedirs(root_dir, mode=0o700, exist_ok=True)
             logs = make_private_dir(os.path.join(root_dir, "logs"))
-        log_file = os.path.join(logs, "asclepius.log")
+            name = "asclepius.log"
+        log_file = os.path.join(logs, name)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file_handler)
-    from asclepius.cluster import QUIET
+    from asclepius.cluster import QUIET, WORKER_LOGS
 
     QUIET["on"] = not verbose
+    WORKER_LOGS["route"] = route_worker_logs
+    LOG["file"] = log_file
     if not verbose:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         # Ray Data sets up its loggers (a console handler of its own) when first imported: import it now, so that

@@ -12,15 +12,19 @@ the same way for every stage:
 2. **Record `running` first**, with an attempt id. A stage that was cut off (entry still `running`, same hash and
    inputs) resumes its attempt: Ray Train restores its checkpoints, journals replay. A changed config, changed
    inputs or `--force` start a new attempt, so nothing of an older config is ever restored.
-3. **Work in staging.** Outputs are written under `<run>/.staging/<stage>/<attempt>/<output>`; readers never see
-   them half-written.
-4. **Publish by rename**, then record `complete` with the output listing (file names and sizes) and an output id
-   that the downstream stages take as their input.
+3. **Work in a new version.** Outputs are written under `<run>/<output>/v-<attempt>/`, beside the published one;
+   readers never see them half-written.
+4. **Publish by pointer**: record `complete` with the output listing (file names and sizes), the version each output
+   now is, and an output id that the downstream stages take as their input. Readers — the next stages, Serve, the
+   console — resolve an output through the manifest (`RunDir.output_path`), so the switch from the old version to the
+   new one is the manifest's single write (a rename locally, one PUT on object storage): nobody ever reads a mix of
+   two versions, and nothing is copied. Older versions are deleted after the switch.
 
 Reading an upstream table: only "not there" (the stage never ran, or is not part of this pipeline) may mean empty;
 any other error — a corrupt or truncated Parquet file, a storage error — stops the stage naming the file.
 
 Files here hold clinical text: on a local filesystem the run directory is created private to its owner (0700).
+One driver at a time writes a run directory (asclepius.lease); its manifest writes check that it still holds it.
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from asclepius import metrics
-from asclepius.storage import PRIVATE_DIR_MODE, make_private_dir, open_private, open_uri, uri_for  # noqa: F401 — re-exported
+from asclepius.storage import PRIVATE_DIR_MODE, ensure_dir, make_private_dir, open_private, open_uri, uri_for  # noqa: F401 — re-exported
 
 log = logging.getLogger("asclepius")
 
 MANIFEST = "manifest.json"
-STAGING = ".staging"
+VERSION_PREFIX = "v-"  # <run>/<output>/v-<attempt>/: one version of an output
 
 
 class StageInputError(RuntimeError):
@@ -63,12 +67,13 @@ class RunDir:
     fs: pafs.FileSystem
     root: str  # path inside `fs`, no trailing slash
     uri: str  # what the user gave, for messages
+    lease: Any = None  # the driver's asclepius.lease.RunLease: manifest writes check it is still held
 
     @classmethod
     def open(cls, uri: str) -> RunDir:
         fs, root = open_uri(uri)
         root = root.rstrip("/") or "/"
-        fs.create_dir(root, recursive=True)
+        ensure_dir(fs, root)
         run = cls(fs=fs, root=root, uri=uri)
         if run.is_local:
             os.chmod(root, PRIVATE_DIR_MODE)
@@ -85,16 +90,45 @@ class RunDir:
         """A path in the run as a URI that any process on any node can open (a local path stays a path)."""
         return uri_for(self.fs, self.path(*parts))
 
-    def move_dir(self, src: str, dst: str) -> None:
-        """Rename a folder; object storage has no folder rename, so there every file is copied (server-side), then
-        the source deleted. Callers rely on the manifest, not on this being atomic."""
-        if self.is_local:
-            self.fs.move(src, dst)
-            return
-        for info in self.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-            if info.type == pafs.FileType.File:
-                self.fs.copy_file(info.path, posixpath.join(dst, posixpath.relpath(info.path, src)))
-        self.fs.delete_dir(src)
+    # ------------------------------------------------------------------------------------------- published outputs
+    def versions(self) -> dict[str, str]:
+        """{output folder: its published version}, from the manifest: the only pointer readers follow. It changes only
+        when a stage completes, so a stage being redone leaves its last output readable."""
+        return dict(self.read_manifest().get("published") or {})
+
+    def output_path(self, *parts: str) -> str:
+        """A path inside a published output, through the manifest (`checkpoints/finetune/final` →
+        `<run>/checkpoints/finetune/v-<attempt>/final`). A path outside every versioned output is itself (an output
+        recorded before outputs had versions, the ledger, Ray Train's folder)."""
+        rel = posixpath.join(*parts)
+        for name, version in sorted(self.versions().items(), key=lambda nv: -len(nv[0])):
+            if rel == name or rel.startswith(name + "/"):
+                return self.path(name, version, rel[len(name) + 1 :]).rstrip("/")
+        return self.path(rel)
+
+    def output_uri(self, *parts: str) -> str:
+        """`output_path` as a URI any process on any node can open."""
+        return uri_for(self.fs, self.output_path(*parts))
+
+    def published_source(self, uri: str) -> str:
+        """A URI or path that names something in this run's outputs (a preset's `${run_dir}/checkpoints/finetune/final`),
+        as the published version the manifest points to; anything else as it is."""
+        root = self.uri.rstrip("/")
+        stripped = uri.rstrip("/")
+        if not stripped.startswith(root + "/"):
+            return uri
+        return self.output_uri(*stripped[len(root) + 1 :].split("/"))
+
+    def prune_versions(self, output: str, keep: str | None) -> None:
+        """Delete every version of `output` but `keep` (and anything else in its folder: an older layout's files)."""
+        folder = self.path(output)
+        for info in self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            if posixpath.basename(info.path) == keep:
+                continue
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(info.path)
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(info.path)
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -108,10 +142,17 @@ class RunDir:
             return {"stages": {}}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        # Write to a temporary name, then move: a crash mid-write never leaves a truncated manifest behind.
+        if self.lease is not None:
+            self.lease.check()  # another driver took the run over: this one must not write
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+        if not self.is_local:  # one PUT is all or nothing
+            with self.fs.open_output_stream(self.path(MANIFEST)) as f:
+                f.write(data)
+            return
+        # Write to a temporary name, then rename: a crash mid-write never leaves a truncated manifest behind.
         tmp = self.path(f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
         with self.fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+            f.write(data)
         self.fs.move(tmp, self.path(MANIFEST))
 
     def stage_entry(self, stage: str) -> dict[str, Any] | None:
@@ -120,26 +161,31 @@ class RunDir:
     def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
         manifest = self.read_manifest()
         manifest.setdefault("stages", {})[stage] = {**entry, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if entry.get("status") == "complete":  # the outputs' pointer moves in the same write
+            manifest.setdefault("published", {}).update(entry.get("versions") or {})
         self.write_manifest(manifest)
 
     # ------------------------------------------------------------------------------------------- tables
     def files(self, folder: str) -> list[str]:
-        """Data files under a folder (recursive, sorted); names starting with '.' or '_' are working files."""
-        base = self.path(folder)
-        if not self.exists(base):
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        out = []
+        """Data files under a published output folder, resolved through the manifest (recursive, sorted); names
+        starting with '.' or '_' are working files."""
+        return sorted(self._file_sizes(self.output_path(folder)))
+
+    def _file_sizes(self, base: str) -> dict[str, int]:
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        out = {}
         for info in infos:
             rel = posixpath.relpath(info.path, base)
             if info.type == pafs.FileType.File and not any(p.startswith((".", "_")) for p in rel.split("/")):
-                out.append(info.path)
-        return sorted(out)
+                out[info.path] = info.size
+        return out
 
     def listing(self, folder: str) -> dict[str, int]:
         """{relative file name: size} of a published folder: what `complete` promises is there."""
-        base = self.path(folder)
-        return {posixpath.relpath(p, base): self.fs.get_file_info(p).size for p in self.files(folder)}
+        return self.listing_at(self.output_path(folder))
+
+    def listing_at(self, base: str) -> dict[str, int]:
+        return {posixpath.relpath(p, base): size for p, size in sorted(self._file_sizes(base).items())}
 
     def read_table(self, folder: str, columns: list[str] | None = None) -> pa.Table | None:
         """A published table, or None if the folder is not there (the stage has not produced it). Every other
@@ -169,11 +215,16 @@ class RunDir:
 
     def write_frame(self, folder_path: str, df, name: str) -> str:
         """Write a pandas frame as one Parquet file into `folder_path` (a full path inside the run), atomically."""
-        self.fs.create_dir(folder_path, recursive=True)
+        ensure_dir(self.fs, folder_path)
         path = posixpath.join(folder_path, name)
+        table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+        if not self.is_local:  # one PUT is all or nothing
+            with self.fs.open_output_stream(path) as f:
+                pq.write_table(table, f)
+            return path
         tmp = posixpath.join(folder_path, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
         with self.fs.open_output_stream(tmp) as f:
-            pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), f)
+            pq.write_table(table, f)
         self.fs.move(tmp, path)
         return path
 
@@ -252,15 +303,16 @@ class StageRun:
     extra: dict = field(default_factory=dict)  # pipeline-provided hooks (e.g. release the teacher)
 
     @property
-    def staging_root(self) -> str:
-        return self.run.path(STAGING, self.stage.name, self.attempt)
+    def version(self) -> str:
+        return VERSION_PREFIX + self.attempt
 
     def output(self, name: str) -> str:
-        """The staging folder of one declared output; published at `<run>/<name>` when the stage completes."""
+        """This attempt's folder of one declared output, `<run>/<name>/v-<attempt>`; published (pointed to by the
+        manifest) when the stage completes."""
         if name not in self.stage.outputs:
             raise ValueError(f"stage {self.stage.name} does not declare output {name!r} (declared: {self.stage.outputs})")
-        path = posixpath.join(self.staging_root, name)
-        self.run.fs.create_dir(path, recursive=True)
+        path = self.run.path(name, self.version)
+        ensure_dir(self.run.fs, path)
         return path
 
     def output_uri(self, name: str) -> str:
@@ -308,7 +360,7 @@ def stage_status(stage: Stage, cfg, run: RunDir, inputs: dict | None = None) -> 
 
 
 def run_stage(stage: Stage, cfg, run: RunDir, force: bool = False, teacher=None, extra: dict | None = None) -> dict:
-    """Apply the contract: skip, or record running → work in staging → publish → record complete."""
+    """Apply the contract: skip, or record running → work in a new version → record complete (publish)."""
     inputs = stage.inputs(cfg, run)
     status = stage_status(stage, cfg, run, inputs)
     if status.up_to_date and not force and not stage.always_run:
@@ -326,7 +378,9 @@ def run_stage(stage: Stage, cfg, run: RunDir, force: bool = False, teacher=None,
     )  # fmt: skip
     attempt = previous["attempt"] if resumed else f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if not resumed:  # an older attempt's half-written outputs never mix with this one's
-        run.delete_dir(run.path(STAGING, stage.name))
+        published = run.versions()
+        for name in stage.outputs:
+            run.prune_versions(name, keep=published.get(name))
     if status.state != "never run":
         log.info("%s: %s", stage.name, "; ".join(status.reasons) if not force else "forced")
     started = time.time()
@@ -335,28 +389,17 @@ def run_stage(stage: Stage, cfg, run: RunDir, force: bool = False, teacher=None,
     run.record_stage(stage.name, running)
     ctx = StageRun(stage, cfg, run, attempt, config_hash, inputs, resumed, teacher, extra or {})
     result = stage.work(ctx)
-    outputs = {name: _publish(run, ctx, name) for name in stage.outputs}
+    for name in stage.outputs:
+        ctx.output(name)  # an output with nothing in it is still an output
+    outputs = {name: run.listing_at(ctx.output(name)) for name in stage.outputs}
     entry = {
         **result, **running, "status": "complete", "outputs": outputs, "resumed": resumed,
+        "versions": {name: ctx.version for name in stage.outputs},
         "output_id": digest({"attempt": attempt, "config": config_hash, "outputs": outputs}),
         "seconds": result.get("seconds", round(time.time() - started, 2)),
     }  # fmt: skip
-    run.record_stage(stage.name, entry)
-    run.delete_dir(run.path(STAGING, stage.name))
+    run.record_stage(stage.name, entry)  # the switch: from here on every reader resolves the new version
+    for name in stage.outputs:
+        run.prune_versions(name, keep=ctx.version)
     metrics.stage_rows(stage.name, entry.get("counts") or entry.get("totals"))
     return entry
-
-
-def _publish(run: RunDir, ctx: StageRun, name: str) -> dict[str, int]:
-    """Move the staged output into place: the old folder aside, the new one in, the old one deleted. A crash in
-    between leaves the entry `running`, so the stage is redone, never trusted."""
-    staged = posixpath.join(ctx.staging_root, name)
-    target = run.path(name)
-    if not run.exists(staged):
-        run.fs.create_dir(staged, recursive=True)  # an output with nothing in it is still an output
-    if run.exists(target):
-        aside = run.path(STAGING, ctx.stage.name, f"old-{uuid.uuid4().hex[:8]}")
-        run.move_dir(target, aside)
-    run.fs.create_dir(posixpath.dirname(target), recursive=True)
-    run.move_dir(staged, target)
-    return run.listing(name)

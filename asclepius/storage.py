@@ -6,6 +6,10 @@ Object storage has no rename of folders and no append, and a worker on another n
 - `upload_dir` / `local_copy`: what libraries need on a local disk (save_pretrained, from_pretrained, matplotlib)
   is written locally, then uploaded; a checkpoint read from object storage is downloaded once into a local cache
   keyed by its listing, so a replaced checkpoint is fetched again and an unchanged one never is.
+- `ObjectStore`: pyarrow's S3/GCS filesystem as this project (and Ray Train, and Ray Data) uses it, with what S3 and a
+  least-privilege policy require: no "folders" (pyarrow's `create_dir` asks HeadBucket and writes an empty marker
+  object for every parent prefix, outside the run prefix too, which a policy scoped to the run refuses), and no
+  CopyObject of an object over 5 GiB (S3 refuses it; such an object is streamed through a multipart upload).
 - `AppendLog`: append-only JSON-lines records that survive a kill. On a filesystem: one file per writer, each
   record flushed and fsynced. On object storage: group commit — a record's writer waits until an object holding it
   is written; records that arrive while a write is in flight go together into the next object. So a record counts
@@ -33,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 
+S3_COPY_LIMIT_BYTES = 5 * 1024**3  # the largest source S3 copies with one CopyObject (UploadPartCopy beyond)
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
@@ -42,10 +47,89 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+class ObjectStore(pafs.FileSystemHandler):
+    """An object store's pyarrow filesystem without folders and without oversized copies (see the module's docstring).
+    Wrapped in `pafs.PyFileSystem`, it goes wherever a pyarrow filesystem does (Ray Train's storage_filesystem, Ray
+    Data's readers) and pickles to other nodes with its base."""
+
+    def __init__(self, base: pafs.FileSystem, copy_limit_bytes: int = S3_COPY_LIMIT_BYTES):
+        self.base, self.copy_limit_bytes = base, copy_limit_bytes
+
+    def __reduce__(self):
+        return ObjectStore, (self.base, self.copy_limit_bytes)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectStore) and self.base.equals(other.base)
+
+    def get_type_name(self) -> str:
+        return self.base.type_name
+
+    def normalize_path(self, path):
+        return self.base.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.base.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.base.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        """Nothing to do: a key needs no folder, and every write creates its own key."""
+
+    def delete_dir(self, path):
+        self.base.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.base.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise OSError("refusing to delete everything in the object store")
+
+    def delete_file(self, path):
+        self.base.delete_file(path)
+
+    def copy_file(self, src, dest):
+        size = self.base.get_file_info(src).size
+        if size is None or size <= self.copy_limit_bytes:
+            self.base.copy_file(src, dest)  # one server-side CopyObject
+            return
+        # S3 refuses CopyObject above 5 GiB: stream it through a multipart upload instead
+        with self.base.open_input_stream(src) as reader, self.base.open_output_stream(dest) as writer:
+            while chunk := reader.read(64 << 20):
+                writer.write(chunk)
+
+    def move(self, src, dest):
+        self.copy_file(src, dest)  # an object store has no rename: copy, then delete
+        self.base.delete_file(src)
+
+    def open_input_stream(self, path):
+        return self.base.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.base.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.base.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        raise OSError("object storage has no append (asclepius.storage.AppendLog writes new objects)")
+
+
+def object_store(base: pafs.FileSystem, copy_limit_bytes: int = S3_COPY_LIMIT_BYTES) -> pafs.FileSystem:
+    return pafs.PyFileSystem(ObjectStore(base, copy_limit_bytes))
+
+
+def base_filesystem(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The filesystem under an `ObjectStore` wrapper (or `fs` itself)."""
+    handler = getattr(fs, "handler", None)
+    return handler.base if isinstance(handler, ObjectStore) else fs
+
+
 def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or any pyarrow URI."""
+    """(filesystem, path inside it) for a local path or any pyarrow URI; object storage comes as an `ObjectStore`."""
     if is_remote(uri):
-        return pafs.FileSystem.from_uri(uri)
+        base, path = pafs.FileSystem.from_uri(uri)
+        return object_store(base), path
     local = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
 
@@ -56,7 +140,7 @@ def uri_join(uri: str, *parts: str) -> str:
 
 def uri_for(fs: pafs.FileSystem, path: str) -> str:
     """The URI of a path inside `fs` (a local path stays as it is): what a worker on another node can open."""
-    scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name)
+    scheme = {"s3": "s3", "gcs": "gs"}.get(base_filesystem(fs).type_name)
     return f"{scheme}://{path.lstrip('/')}" if scheme else path
 
 
@@ -72,10 +156,16 @@ def storage_env(endpoint_url: str | None, region: str | None) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- whole folders
-def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local folder to `uri` (a local path too); files already there with the same name are replaced."""
-    fs, path = open_uri(uri)
+def ensure_dir(fs: pafs.FileSystem, path: str) -> None:
+    """A folder for files to go in: created on a filesystem; nothing on object storage (see `ObjectStore`)."""
     fs.create_dir(path, recursive=True)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder to `uri` (a local path too); files already there with the same name are replaced. Large
+    files go up as multipart uploads (pyarrow's S3 output stream), so a 7B export's shards need no single PUT."""
+    fs, path = open_uri(uri)
+    ensure_dir(fs, path)
     pafs.copy_files(local_dir, path, destination_filesystem=fs, use_threads=True)
 
 
@@ -123,7 +213,7 @@ def local_copy(uri: str, weights: bool = True) -> str:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically (temporary name, then move; an object store's PUT is atomic by itself)."""
     fs, path = open_uri(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
+    ensure_dir(fs, posixpath.dirname(path))
     if is_remote(uri):
         with fs.open_output_stream(path) as f:
             f.write(data)
@@ -177,7 +267,6 @@ class AppendLog:
         self._flusher: asyncio.Task | None = None
         if self.remote:
             self.fs, self.path = open_uri(directory)
-            self.fs.create_dir(self.path, recursive=True)
         else:
             self.path = make_private_dir(open_uri(directory)[1])  # requests and answers hold note text: owner-only
 

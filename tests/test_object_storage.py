@@ -68,15 +68,18 @@ def test_the_stage_contract_on_s3(s3):
     work = Work("out")
     stage = Stage("up", work, sections=("split",), outputs=("out",))
     assert run_stage(stage, cfg, run)["status"] == "complete"
-    # published by copying (S3 has no folder rename), the staging area gone, the listing recorded
-    assert objects(s3, "contract/out") == ["sub/u.parquet", "t.parquet"]
+    # published by pointer: the version written in place, the manifest pointing to it, nothing copied, no staging area
+    version = run.versions()["out"]
+    assert objects(s3, "contract/out") == [f"{version}/sub/u.parquet", f"{version}/t.parquet"]
     assert not [o for o in objects(s3, "contract") if o.startswith(".staging")]
     assert run_stage(stage, cfg, run)["skipped"] and work.calls == 1
     assert sorted(run.read_frame("out").x) == [0, 1]
-    # a rerun replaces the folder, never appends to it; a missing object makes the stage stale
+    # a rerun replaces the output, never appends to it (the old version deleted); a missing object makes the stage stale
     run_stage(stage, cfg, run, force=True)
-    assert sorted(run.read_frame("out").x) == [0, 2] and objects(s3, "contract/out") == ["sub/u.parquet", "t.parquet"]
-    run.fs.delete_file(run.path("out", "sub", "u.parquet"))
+    new = run.versions()["out"]
+    assert new != version and sorted(run.read_frame("out").x) == [0, 2]
+    assert objects(s3, "contract/out") == [f"{new}/sub/u.parquet", f"{new}/t.parquet"]
+    run.fs.delete_file(run.output_path("out", "sub", "u.parquet"))
     assert stage_status(stage, cfg, run).reasons == ["output out/ differs from what was recorded"]
 
 
@@ -204,53 +207,135 @@ def test_metrics_log_survives_a_restarted_rank_zero(s3):
 
 
 STAGES = ["notes", "synthesize", "split", "questions", "answers", "pretrain", "finetune", "serve"]
+COPY_LIMIT = 128 * 1024  # S3 refuses CopyObject above 5 GiB; the test server refuses it above this, so a tiny model is "large"
+RUN_PREFIX, NOTES_PREFIX = "asclepius/runs/pipeline-run", "physionet/notes"
+
+
+def documented_policy(bucket: str) -> dict:
+    """The run's IAM policy exactly as the README states it (deploy/iam/run-policy.json), for this bucket and prefixes."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "deploy" / "iam" / "run-policy.json").read_text()
+    return json.loads(text.replace("BUCKET", bucket).replace("NOTES_PREFIX", NOTES_PREFIX).replace("RUN_PREFIX", RUN_PREFIX))
 
 
 @pytest.mark.ray
-def test_pipeline_in_s3_from_notes_to_a_served_answer(s3, tmp_path):
-    """The whole path with `run_dir: s3://...`, in its own Ray instance as a user runs it: notes → the generating
-    stages → pretraining → finetuning on 2 workers (Ray Train checkpoints through storage_filesystem, the export
-    uploaded) → Serve loads the finetuned checkpoint from S3 → /v1/answer. The endpoint comes from the config
+def test_pipeline_in_s3_as_aws_enforces_it(tmp_path):
+    """The whole path with `run_dir: s3://...`, in its own Ray instance as a user runs it, under S3's limits: IAM enforced
+    with exactly the documented least-privilege policy (run prefix read/write, notes prefix read, list of those two
+    prefixes only), and no CopyObject of an object above the copy limit. notes (read from the notes prefix) → the
+    generating stages → pretraining → finetuning on 2 workers (Ray Train checkpoints through storage_filesystem, the
+    export uploaded) → Serve loads the finetuned checkpoint from S3 → /v1/answer. The endpoint comes from the config
     (`storage.endpoint_url`), only the credentials from the environment; nothing of the run is on a local disk."""
+    from asclepius.notes.readers import sample_path
+    from asclepius.testing.s3 import admin_client, enforce_iam
     from asclepius.testing.server_process import free_port
 
-    uri = s3.uri("pipeline-run")
-    cache = tmp_path / "cache"
-    env = {**os.environ, "RAY_ADDRESS": "", "ASCLEPIUS_CACHE": str(cache)}
-    env.pop("AWS_ENDPOINT_URL")  # the job's workers get it from storage.endpoint_url, through the runtime_env
-    overrides = [
-        f"run_dir={uri}", f"storage.endpoint_url={s3.endpoint_url}", "teacher_from_serve=null", "model.base=tiny",
-        "serve.models=[{name: tiny-base, source: tiny, num_cpus: 0.5}]", f"serve.port={free_port()}",
-        "pretrain.max_steps=1", "finetune.num_workers=2", "evaluate=null",
-    ]  # fmt: skip
-    stages = [a for s in STAGES for a in ("--stage", s)]
-    with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.05, completion_tokens=30) as server:
-        started = time.time()
-        proc = subprocess.run([sys.executable, "ray_jobs/pipeline.py", "--config", "configs/demo.yaml", *stages, *overrides,
-                               f"teacher.base_url={server.base_url}"], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
-                              capture_output=True, text=True, timeout=1200)  # fmt: skip
-        took = time.time() - started
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    run = RunDir.open(uri)
-    manifest = run.read_manifest()["stages"]
-    assert all(manifest[s]["status"] == "complete" for s in STAGES)
-    assert manifest["finetune"]["workers"] == 2 and manifest["finetune"]["final_step"] == 2
-    assert manifest["finetune"]["base"] == f"{uri}/checkpoints/pretrain/final"  # finetuning started from S3
-    assert manifest["finetune"]["export_dir"] == f"{uri}/checkpoints/finetune/final"
-    exported = objects(s3, "pipeline-run/checkpoints/finetune")
-    assert {"final/config.json", "final/model.safetensors", "metrics.jsonl", "summary.json", "loss.png"} <= set(exported)
-    assert [o for o in objects(s3, "pipeline-run/ray_train") if o.startswith("finetune-") and "/checkpoint" in o]  # Ray Train's
-    assert len(run.read_frame("instructions")) > 0 and len(_history_of(run)) == 2
-    assert scan_ledger(run.uri_of("ledger", "answers")).files < len(run.read_frame("instructions")) + 1  # group commits
-    # the served finetuned model answered /v1/answer, loaded from the local cache of its S3 checkpoint
-    check = manifest["serve"]["answer_checks"]["asclepius-finetuned"]
-    assert check["completion_tokens"] > 0 and check["prompt_tokens"] > 0
-    assert any((cache / "objects" / d / "config.json").is_file() for d in os.listdir(cache / "objects"))
-    assert "model: " + f"{uri}/checkpoints/finetune/final" in proc.stderr
-    print(f"pipeline in S3, notes to a served answer: {took:.0f} s")
+    with s3_test_server(bucket="hospital-data", copy_limit_bytes=COPY_LIMIT) as server:
+        admin = admin_client(server)
+        sources = []
+        for i, kind in enumerate(("mimic3", "mimic4", "pmc")):  # the demo's notes, where a hospital keeps them
+            key = f"{NOTES_PREFIX}/{kind}.csv"
+            admin.upload_file(sample_path(kind), server.bucket, key)
+            sources.append(f"notes.sources.{i}.path=s3://{server.bucket}/{key}")
+        admin.put_object(Bucket=server.bucket, Key="other-team/secret.txt", Body=b"not for the pipeline")
+        creds = enforce_iam(server, {"pipeline": documented_policy(server.bucket)})
+        uri = f"s3://{server.bucket}/{RUN_PREFIX}"
+        cache = tmp_path / "cache"
+        env = {**os.environ, **creds["pipeline"], "RAY_ADDRESS": "", "ASCLEPIUS_CACHE": str(cache)}
+        env.pop("AWS_ENDPOINT_URL")  # the job's workers get it from storage.endpoint_url, through the runtime_env
+        overrides = [
+            f"run_dir={uri}", f"storage.endpoint_url={server.endpoint_url}", "teacher_from_serve=null", "model.base=tiny",
+            "serve.models=[{name: tiny-base, source: tiny, num_cpus: 0.5}]", f"serve.port={free_port()}",
+            "pretrain.max_steps=1", "finetune.num_workers=2", "evaluate=null", *sources,
+        ]  # fmt: skip
+        stages = [a for s in STAGES for a in ("--stage", s)]
+        with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.05, completion_tokens=30) as teacher:
+            started = time.time()
+            proc = subprocess.run([sys.executable, "ray_jobs/pipeline.py", "--config", "configs/demo.yaml", *stages, *overrides,
+                                   f"teacher.base_url={teacher.base_url}"], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                                  capture_output=True, text=True, timeout=1200)  # fmt: skip
+            took = time.time() - started
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=server.endpoint_url, region_name="us-east-1",
+                          aws_access_key_id=creds["admin"]["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["admin"]["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        listed = {o["Key"]: o["Size"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=server.bucket) for o in page.get("Contents", [])}
+        # nothing was written outside the run prefix: no marker objects for parent "folders", no stray files
+        assert all(k.startswith(f"{RUN_PREFIX}/") or k.startswith(f"{NOTES_PREFIX}/") or k == "other-team/secret.txt" for k in listed), sorted(listed)
+        assert not any(k.endswith("/") and not k.startswith(f"{RUN_PREFIX}/") for k in listed)
+
+        with s3_env(server):
+            os.environ.update({k: creds["admin"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+            run = RunDir.open(uri)
+            manifest = run.read_manifest()
+            stages_done = manifest["stages"]
+            assert all(stages_done[s]["status"] == "complete" for s in STAGES)
+            assert stages_done["finetune"]["workers"] == 2 and stages_done["finetune"]["final_step"] == 2
+            # finetuning started from the published pretrained model, and the export is a version the manifest points to
+            assert stages_done["finetune"]["base"] == f"{uri}/checkpoints/pretrain/{manifest['published']['checkpoints/pretrain']}/final"
+            final = f"checkpoints/finetune/{manifest['published']['checkpoints/finetune']}"
+            assert stages_done["finetune"]["export_dir"] == f"{uri}/{final}/final"
+            exported = {k[len(RUN_PREFIX) + len(final) + 2 :]: v for k, v in listed.items() if k.startswith(f"{RUN_PREFIX}/{final}/")}
+            assert {"final/config.json", "final/model.safetensors", "metrics.jsonl", "summary.json", "loss.png"} <= set(exported)
+            assert exported["final/model.safetensors"] > COPY_LIMIT  # too large for one CopyObject here: it was never copied
+            assert len([k for k in listed if k.startswith(f"{RUN_PREFIX}/checkpoints/finetune/")]) == len(exported)  # one version
+            assert any(k.startswith(f"{RUN_PREFIX}/ray_train/finetune-") and "/checkpoint" in k for k in listed)  # Ray Train's
+            assert len(run.read_frame("instructions")) > 0 and len(_history_of(run)) == 2
+            assert scan_ledger(run.uri_of("ledger", "answers")).files < len(run.read_frame("instructions")) + 1  # group commits
+            assert any(k.startswith(f"{RUN_PREFIX}/logs/asclepius-") for k in listed)  # the driver's log, in the run
+            assert f"{RUN_PREFIX}/.lease.json" not in listed  # the lease was released
+        # the served finetuned model answered /v1/answer, loaded from the local cache of its S3 checkpoint
+        check = stages_done["serve"]["answer_checks"]["asclepius-finetuned"]
+        assert check["completion_tokens"] > 0 and check["prompt_tokens"] > 0
+        assert any((cache / "objects" / d / "config.json").is_file() for d in os.listdir(cache / "objects"))
+        assert f"model: {uri}/{final}/final" in proc.stderr
+        print(f"pipeline in S3 under the documented IAM policy, notes to a served answer: {took:.0f} s")
 
 
 def _history_of(run):
     from asclepius.train.ray_train import _history
 
-    return _history(run.uri_of("checkpoints", "finetune", "metrics.jsonl"))
+    return _history(run.output_uri("checkpoints", "finetune", "metrics.jsonl"))
+
+
+def test_s3s_copy_limit_and_per_key_delete_rights_as_aws_has_them():
+    """The test server enforces what moto does not (CopyObject above the limit refused, as S3 refuses it above 5 GiB;
+    DeleteObjects authorized per key, as S3 does), and the project's object-store filesystem copies and moves objects
+    above the limit by streaming them instead."""
+    from asclepius.storage import object_store
+    from asclepius.testing.s3 import enforce_iam
+
+    with s3_test_server(bucket="limits", copy_limit_bytes=1024) as server:
+        raw = pafs.S3FileSystem(endpoint_override=server.endpoint_url, access_key="testing", secret_key="testing", region="us-east-1")
+        for name, size in (("small", 100), ("big", 4096)):
+            with raw.open_output_stream(f"limits/a/{name}") as f:
+                f.write(bytes(range(256)) * (size // 256) if size >= 256 else b"x" * size)
+        raw.copy_file("limits/a/small", "limits/a/small2")  # below the limit: one CopyObject
+        with pytest.raises(OSError, match="larger than the maximum allowable size for a copy source"):
+            raw.copy_file("limits/a/big", "limits/a/big2")
+        fs = object_store(raw, copy_limit_bytes=1024)
+        fs.copy_file("limits/a/big", "limits/a/big3")  # streamed through a (multipart) upload
+        fs.move("limits/a/big3", "limits/a/big4")
+        with raw.open_input_stream("limits/a/big4") as f, raw.open_input_stream("limits/a/big") as g:
+            assert f.read() == g.read()
+        assert raw.get_file_info("limits/a/big3").type == pafs.FileType.NotFound
+        fs.create_dir("limits/x/y/z")  # no folders on object storage: nothing written
+        assert raw.get_file_info(pafs.FileSelector("limits/x", allow_not_found=True)) == []
+
+        with raw.open_output_stream("limits/b/other") as f:
+            f.write(b"someone else's")
+        policy = {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": ["s3:DeleteObject", "s3:GetObject", "s3:PutObject"], "Resource": "arn:aws:s3:::limits/a/*"},
+            {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::limits", "Condition": {"StringLike": {"s3:prefix": ["a/*"]}}},
+        ]}  # fmt: skip
+        creds = enforce_iam(server, {"scoped": policy})["scoped"]
+        import boto3
+
+        scoped = boto3.client("s3", endpoint_url=server.endpoint_url, region_name="us-east-1",
+                              aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        result = scoped.delete_objects(Bucket="limits", Delete={"Objects": [{"Key": "a/small"}, {"Key": "b/other"}]})
+        assert [d["Key"] for d in result.get("Deleted", [])] == ["a/small"]
+        assert [(e["Key"], e["Code"]) for e in result.get("Errors", [])] == [("b/other", "AccessDenied")]

@@ -32,6 +32,11 @@ class Work:
         return {"counts": {"kept": 1}}
 
 
+def published(run, name):
+    """What a reader sees of an output: the version the manifest points to."""
+    return pd.read_parquet(run.output_path(name))
+
+
 def stages(up_work, down_work):
     up = Stage("up", up_work, sections=("split",), outputs=("up_out",))
     down = Stage("down", down_work, sections=("questions",), upstream=("up",), outputs=("down_out",))
@@ -44,7 +49,7 @@ def test_skip_rerun_and_the_reasons(tmp_path):
     run = RunDir.open(cfg.run_dir)
     assert not run_stage(up, cfg, run).get("skipped") and not run_stage(down, cfg, run).get("skipped")
     assert run_stage(up, cfg, run)["skipped"] and run_stage(down, cfg, run)["skipped"]
-    assert pd.read_parquet(tmp_path / "run" / "up_out").x.tolist() == [1]
+    assert published(run, "up_out").x.tolist() == [1]
 
     # a change in the downstream stage's section reruns it alone
     cfg2 = cfg_for(tmp_path, "questions.temperature=0.2")
@@ -57,7 +62,8 @@ def test_skip_rerun_and_the_reasons(tmp_path):
     assert stage_status(down, cfg3, run).up_to_date  # nothing upstream has changed yet
     run_stage(up, cfg3, run)
     assert stage_status(down, cfg3, run).reasons == ["upstream up changed"]
-    assert pd.read_parquet(tmp_path / "run" / "up_out").x.tolist() == [2]  # replaced, never appended
+    assert published(run, "up_out").x.tolist() == [2]  # replaced, never appended
+    assert len(os.listdir(tmp_path / "run" / "up_out")) == 1  # the old version is gone
 
 
 def test_force_reruns_in_a_new_attempt(tmp_path):
@@ -76,7 +82,7 @@ def test_a_crash_between_running_and_complete_is_redone_and_old_outputs_stay_rea
     cfg = cfg_for(tmp_path)
     run = RunDir.open(cfg.run_dir)
     run_stage(up, cfg, run)
-    published = run.listing("up_out")
+    listing = run.listing("up_out")
 
     # the config changes and the stage is killed mid-way: the manifest says running; the old output is intact
     changed = cfg_for(tmp_path, "split.seed=3")
@@ -84,7 +90,7 @@ def test_a_crash_between_running_and_complete_is_redone_and_old_outputs_stay_rea
     with pytest.raises(RuntimeError):
         run_stage(crashing, changed, run)
     assert run.stage_entry("up")["status"] == "running"
-    assert run.listing("up_out") == published and pd.read_parquet(tmp_path / "run" / "up_out").x.tolist() == [1]
+    assert run.listing("up_out") == listing and published(run, "up_out").x.tolist() == [1]
 
     # reverting the config must not trust the old `complete`: the stage ran (and was cut off) since
     status = stage_status(up, cfg, run)
@@ -117,20 +123,42 @@ def test_outputs_that_changed_since_complete_are_not_trusted(tmp_path):
     cfg = cfg_for(tmp_path)
     run = RunDir.open(cfg.run_dir)
     run_stage(up, cfg, run)
-    os.remove(tmp_path / "run" / "up_out" / "t.parquet")
+    os.remove(os.path.join(run.output_path("up_out"), "t.parquet"))
     assert stage_status(up, cfg, run).reasons == ["output up_out/ differs from what was recorded"]
     assert not run_stage(up, cfg, run).get("skipped")
 
 
-def test_publish_is_by_rename_readers_never_see_half_an_output(tmp_path):
-    work = Work("up_out")
-    up, _ = stages(work, Work("down_out"))
+def test_publish_is_by_pointer_readers_never_see_a_mix(tmp_path):
+    """A reader that resolved the output before the stage completes reads the old version whole; the switch is the
+    manifest's one write; nothing of the new version is visible before it, nothing of the old one after."""
     cfg = cfg_for(tmp_path)
     run = RunDir.open(cfg.run_dir)
-    run_stage(up, cfg, run)
-    run_stage(up, cfg, run, force=True)
-    assert work.seen[1] == {"t.parquet": os.path.getsize(tmp_path / "run" / "up_out" / "t.parquet")}  # the old one, whole
-    assert not (tmp_path / "run" / ".staging" / "up").exists()  # staging cleared after publishing
+    seen_during = {}
+
+    def writes_two_files(ctx):
+        ctx.run.write_frame(ctx.output("up_out"), pd.DataFrame({"x": [ctx.attempt]}), "a.parquet")
+        seen_during[ctx.attempt] = (ctx.run.output_path("up_out"), ctx.run.listing("up_out"))  # between the two writes
+        ctx.run.write_frame(ctx.output("up_out"), pd.DataFrame({"x": [ctx.attempt]}), "b.parquet")
+        return {}
+
+    up = Stage("up", writes_two_files, sections=("split",), outputs=("up_out",))
+    first = run_stage(up, cfg, run)
+    old_path = run.output_path("up_out")
+    assert set(published(run, "up_out").x) == {first["attempt"]}
+    second = run_stage(up, cfg, run, force=True)
+    during_path, during_listing = seen_during[second["attempt"]]
+    assert during_path == old_path and set(during_listing) == {"a.parquet", "b.parquet"}  # the old version, whole
+    assert set(published(run, "up_out").x) == {second["attempt"]}  # after the switch: only the new one
+    assert not os.path.exists(old_path)  # old versions are deleted after the switch
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["published"] == {"up_out": "v-" + second["attempt"]}
+    # a version left by a cut-off attempt is never read, and the next attempt clears it
+    crashing = Stage("up", Work("up_out", crash=True), sections=("split",), outputs=("up_out",))
+    with pytest.raises(RuntimeError):
+        run_stage(crashing, cfg_for(tmp_path, "split.seed=4"), run)
+    assert len(os.listdir(tmp_path / "run" / "up_out")) == 2 and set(published(run, "up_out").x) == {second["attempt"]}
+    run_stage(up, cfg_for(tmp_path, "split.seed=5"), run)
+    assert len(os.listdir(tmp_path / "run" / "up_out")) == 1
 
 
 def test_a_corrupt_table_stops_the_reader_naming_the_file(tmp_path):
@@ -164,7 +192,7 @@ def test_manifest_entry_records_what_the_contract_needs(tmp_path):
     run_stage(up, cfg, run)
     run_stage(down, cfg, run)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
-    assert manifest["up"]["outputs"] == {"up_out": {"t.parquet": os.path.getsize(tmp_path / "run" / "up_out" / "t.parquet")}}
+    assert manifest["up"]["outputs"] == {"up_out": {"t.parquet": os.path.getsize(os.path.join(run.output_path("up_out"), "t.parquet"))}}
     assert manifest["down"]["inputs"] == {"up": manifest["up"]["output_id"]}
     assert {"config_hash", "config_parts", "attempt", "started_at", "counts"} <= set(manifest["up"])
 

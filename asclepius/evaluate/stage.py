@@ -40,6 +40,7 @@ from asclepius.evaluate.dataset import EvalDatasetError, items_from_file, items_
 from asclepius.evaluate.judge import LABELS, agent_order, judge_prompt, parse_scores, repair_message
 from asclepius.recipe import load_recipe
 from asclepius.run import Stage, StageRun, file_fingerprint, stable_fraction
+from asclepius.storage import uri_join
 from asclepius.teacher.client import endpoint_id, token_counter
 from asclepius.teacher.ray_data import (
     ask_rows,
@@ -130,7 +131,7 @@ def collect_answers(ctx: StageRun, items: pd.DataFrame, answer_columns: dict) ->
         endpoint = candidate_endpoint(c, ctx)
         guard_privacy(endpoint, items)
         out = ask_rows(endpoint, f"evaluate-{c.name}", answer_requests(cfg, items, c), ledger_dir(cfg, ctx.run, f"evaluate/{c.name}"),
-                       spent_usd=spent_so_far(ctx.run) + sum(v.get("cost_usd_this_run", 0) for v in costs.values()))  # fmt: skip
+                       spent_usd=spent_so_far(ctx.run, exclude=ctx.stage.name) + sum(v.get("cost_usd_this_run", 0) for v in costs.values()))  # fmt: skip
         answers[c.name], errors[c.name] = {}, {}
         for r in out.itertuples():
             text = (r.response or "").strip() if r.status == "ok" else ""
@@ -183,7 +184,7 @@ def run_judge(ctx: StageRun, judge: TeacherConfig, rows: pd.DataFrame) -> tuple[
     for attempt in range(ec.judge.max_reasks + 1):
         if pending.empty:
             break
-        out = ask_rows(judge, "evaluate-judge", pending, directory, spent_usd=spent_so_far(ctx.run))
+        out = ask_rows(judge, "evaluate-judge", pending, directory, spent_usd=spent_so_far(ctx.run, exclude=ctx.stage.name))
         rounds.append(teacher_totals(out))
         retry = []
         for r in out.to_dict(orient="records"):
@@ -284,7 +285,7 @@ def evaluate(ctx: StageRun) -> dict:
                "position_bias": numbers["bias"], "decontamination": decontamination, "costs": costs}  # fmt: skip
     with ctx.run.fs.open_output_stream(posixpath.join(out, "summary.json")) as f:
         f.write(json.dumps(summary, indent=1).encode())
-    return {**summary, "dataset": described, "report": ctx.run.uri_of("eval", "report.md"), "seconds": round(time.time() - started, 2)}
+    return {**summary, "dataset": described, "report": uri_join(ctx.output_uri("eval"), "report.md"), "seconds": round(time.time() - started, 2)}
 
 
 def _num(x):

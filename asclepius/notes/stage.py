@@ -28,6 +28,7 @@ from asclepius.config import Config, NotesConfig, NoteSourceConfig
 from asclepius.notes.readers import SourceFile, csv_options, excluded_row_ids, json_array_table, resolve_source, select_columns
 from asclepius.notes.sources import DROP_REASONS, NOTES_SCHEMA, DuplicateFilter, clean_batch
 from asclepius.run import RunDir, Stage, StageRun, file_fingerprint, run_stage
+from asclepius.storage import ensure_dir
 
 log = logging.getLogger("asclepius.notes")
 STAGE = "notes"
@@ -122,7 +123,7 @@ def notes_work(ctx: StageRun) -> dict:
     # Tasks write under a private folder; only files a finished task named are published (a retried task's
     # orphan never is).
     work_dir = posixpath.join(out_dir, "_tasks", uuid.uuid4().hex)
-    run.fs.create_dir(work_dir, recursive=True)
+    ensure_dir(run.fs, work_dir)
     reject_name = f"asclepius-notes-rejects-{uuid.uuid4().hex[:12]}"
     rejects = RejectLog.options(name=reject_name).remote()
     sink = _RejectSink(reject_name)

@@ -701,10 +701,25 @@ def app_builder(args: dict):
     cfg = load_config(args["config"], list(args.get("overrides") or ()))
     if cfg.serve is None:
         raise ServeConfigError(f"{args['config']} has no `serve` section")
-    return build_app(cfg.serve)
+    return build_app(with_published_sources(cfg))
 
 
-def serve_deploy_config(config_path: str, cfg: ServeConfig) -> dict:
+def with_published_sources(cfg) -> ServeConfig:
+    """`cfg.serve` with every model that lives in the run (`${run_dir}/...`) read from its published version."""
+    from asclepius.config import PLACEHOLDER
+    from asclepius.run import RunDir
+
+    root = cfg.run_dir.rstrip("/") + "/"
+    if not any(m.source.startswith(root) for m in cfg.serve.models):
+        return cfg.serve
+    if PLACEHOLDER in cfg.run_dir:
+        raise ServeConfigError(f"run_dir is still the preset's placeholder ({cfg.run_dir}); the served model is this run's export: give "
+                               "run_dir=s3://... (for a RayService, in the app's args.overrides)")  # fmt: skip
+    run = RunDir.open(cfg.run_dir)
+    return cfg.serve.model_copy(update={"models": [m.model_copy(update={"source": run.published_source(m.source)}) for m in cfg.serve.models]})
+
+
+def serve_deploy_config(config_path: str, cfg: ServeConfig, overrides: list[str] | None = None) -> dict:
     """The Serve config (serveConfigV2 of a RayService) that deploys `cfg` from the preset at `config_path` inside
     the image: the app is built by app_builder, and each model's resources and replicas are stated where KubeRay's
     and Serve's tools show them."""
@@ -713,7 +728,7 @@ def serve_deploy_config(config_path: str, cfg: ServeConfig) -> dict:
         "http_options": {"host": "0.0.0.0", "port": cfg.port},
         "applications": [{
             "name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": "asclepius.serve.app:app_builder",
-            "args": {"config": config_path}, "deployments": deployments,
+            "args": {"config": config_path, **({"overrides": list(overrides)} if overrides else {})}, "deployments": deployments,
         }],
     }  # fmt: skip
 

@@ -35,12 +35,19 @@ def _first_note(run: RunDir) -> tuple[str, str]:
 FINETUNED = "asclepius-finetuned"
 
 
+def resolve_run_sources(serve_cfg: ServeConfig, run: RunDir) -> ServeConfig:
+    """A served model whose source lies in this run's outputs is loaded from the version the manifest points to, never
+    from a folder that is being replaced."""
+    models = [m.model_copy(update={"source": run.published_source(m.source)}) for m in serve_cfg.models]
+    return serve_cfg.model_copy(update={"models": models})
+
+
 def serve_config_for(cfg: Config, run: RunDir, with_run_models: bool) -> ServeConfig:
     """`serve.models`, plus — with_run_models — the model this run fine-tuned, as `asclepius-finetuned` with the
     first model's settings (unless the config serves that checkpoint already: never two copies of one model)."""
-    serve_cfg = cfg.serve
-    finetuned = run.uri_of("checkpoints", "finetune", "final")  # a path, or a URI every replica's node can read
-    if not (with_run_models and run.exists(run.path("checkpoints", "finetune", "final", "config.json"))):
+    serve_cfg = resolve_run_sources(cfg.serve, run)
+    finetuned = run.output_uri("checkpoints", "finetune", "final")  # a path, or a URI every replica's node can read
+    if not (with_run_models and run.exists(run.output_path("checkpoints", "finetune", "final", "config.json"))):
         return serve_cfg
 
     def same(source: str) -> str:

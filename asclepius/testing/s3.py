@@ -1,7 +1,10 @@
-"""An S3-compatible server on this machine for tests: moto's server mode (`moto[server]`) in its own process.
+"""An S3-compatible server on this machine for tests: moto's server mode (`moto[server]`) in its own process, with the
+limits of real S3 that moto does not enforce added back (asclepius.testing.s3_server: CopyObject's 5 GiB, or a
+smaller limit a test sets).
 
 `env` is what a client needs — fake credentials and AWS_ENDPOINT_URL, which pyarrow and boto read — and a bucket
-is created up front, as an administrator would before a run."""
+is created up front, as an administrator would before a run. `enforce_iam` turns on moto's IAM enforcement and gives
+credentials that hold exactly a given policy, so a test runs under the least privilege a README documents."""
 
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_test_server(bucket: str = "asclepius-runs"):
+def s3_test_server(bucket: str = "asclepius-runs", copy_limit_bytes: int | None = None):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    limit = ["--copy-limit-bytes", str(copy_limit_bytes)] if copy_limit_bytes is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "asclepius.testing.s3_server", "--port", str(port), *limit],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
@@ -70,3 +74,31 @@ def s3_env(server: S3Server):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def admin_client(server: S3Server, service: str = "s3"):
+    """A boto3 client with the server's root credentials (before IAM is enforced: anything goes)."""
+    import boto3
+
+    return boto3.client(service, endpoint_url=server.endpoint_url, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")  # fmt: skip
+
+
+def enforce_iam(server: S3Server, policies: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Create one IAM user per policy (plus `admin`, with every right, for the test's own checks), then make moto
+    enforce IAM on every later request (`/moto-api/reset-auth`, moto's INITIAL_NO_AUTH_ACTION_COUNT). Returns each
+    user's client environment (its access key in place of the server's)."""
+    import json as _json
+
+    iam = admin_client(server, "iam")
+    users = {**policies, "admin": {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}}
+    out = {}
+    for name, document in users.items():
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=_json.dumps(document))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        out[name] = {**server.env, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    request = urllib.request.Request(f"{server.endpoint_url}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})  # flask reads a form body as empty
+    urllib.request.urlopen(request, timeout=10).read()
+    return out

@@ -203,6 +203,9 @@ def train(
     return LoopResult(final_step=step, resumed_from=start_step, history=ctx.history)
 
 
+EXPORT_SHARD_SIZE = "4GB"
+
+
 def export_hf(engine, zero_stage: int, export_dir: str, tokenizer, rank: int) -> None:
     """The trained model in HF format (safetensors + tokenizer); ZeRO-3's shards are gathered in 16 bit first."""
     if zero_stage == 3:
@@ -212,7 +215,9 @@ def export_hf(engine, zero_stage: int, export_dir: str, tokenizer, rank: int) ->
     if rank == 0:
         os.makedirs(export_dir, exist_ok=True)
         engine.module.config.use_cache = True
-        engine.module.save_pretrained(export_dir, state_dict=state, safe_serialization=True)
+        # shards of at most 4 GB (transformers 5 writes one 50 GB shard by default: a 7B model would be one 13.5 GB object,
+        # which S3 cannot copy with one CopyObject and which no reader can fetch in parallel)
+        engine.module.save_pretrained(export_dir, state_dict=state, safe_serialization=True, max_shard_size=EXPORT_SHARD_SIZE)
         if tokenizer is not None:
             tokenizer.save_pretrained(export_dir)
             # serving loads the tokenizer kind training used (slow SentencePiece by the recipe's default)

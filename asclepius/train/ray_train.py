@@ -39,7 +39,7 @@ import ray
 from asclepius.config import Config, TrainHyperparams
 from asclepius.recipe import load_recipe
 from asclepius.run import RunDir, Stage, StageRun
-from asclepius.storage import is_remote, local_copy, read_bytes, upload_dir, uri_join, write_bytes
+from asclepius.storage import ensure_dir, is_remote, local_copy, read_bytes, upload_dir, uri_join, write_bytes
 from asclepius.train.data import (
     BlockSource,
     blocks_table,
@@ -141,7 +141,7 @@ def build_blocks(ctx: StageRun, source: str) -> dict:
     if done is not None:
         return json.loads(done)
     run.delete_dir(run.path(*folder))  # a crash while building: build again
-    run.fs.create_dir(run.path(*folder), recursive=True)
+    ensure_dir(run.fs, run.path(*folder))
     use_fast = cfg.model.use_fast_tokenizer
     if stage == "pretrain":
         files = _table_files(run, "notes", "synthetic_notes")
@@ -336,7 +336,7 @@ def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes a local file
         plot_loss(history, os.path.join(tmp, "loss.png"), stage)
         write_bytes(uri_join(stage_dir, "loss.png"), Path(tmp, "loss.png").read_bytes())
-    published = run.uri_of("checkpoints", stage, "final")
+    published = config["export_dir"]  # this attempt's version of checkpoints/<stage>; the manifest points to it
     return {
         **summary, "steps_per_epoch": steps_per_epoch, "accumulation": accum, "examples_per_step": round(examples_per_step, 1),
         "workers": hp.num_workers, "zero_stage": hp.zero_stage,
@@ -419,8 +419,8 @@ def pretrain(ctx: StageRun) -> dict:
 
 def finetune(ctx: StageRun) -> dict:
     cfg = ctx.cfg
-    pretrained = ctx.run.path("checkpoints", "pretrain", "final")
-    source = ctx.run.uri_of("checkpoints", "pretrain", "final") if ctx.run.exists(posixpath.join(pretrained, "config.json")) else _base_source(cfg)
+    pretrained = ctx.run.output_path("checkpoints", "pretrain", "final")
+    source = ctx.run.output_uri("checkpoints", "pretrain", "final") if ctx.run.exists(posixpath.join(pretrained, "config.json")) else _base_source(cfg)
     stats = build_blocks(ctx, source)
     return {"data": {k: v for k, v in stats.items() if k != "files"}, "base": source, **fit(ctx, source, stats, rows_per_batch(cfg.finetune))}
 
