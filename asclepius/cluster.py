@@ -14,6 +14,40 @@ log = logging.getLogger("asclepius")
 QUIET = {"on": False}  # set by asclepius.console for `asclepius run` without --verbose
 
 
+WORKER_LOGS: dict = {"route": None}  # set by asclepius.console: what to do with a batch of a worker's output lines
+
+
+def configure_worker_logging() -> None:
+    """Ray's worker_process_setup_hook for the quiet console: our loggers in workers print their level and name, so
+    the driver can tell a warning (shown) from an info line (log file only)."""
+    import sys
+
+    ours = logging.getLogger("asclepius")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+def _route_worker_logs() -> None:
+    route = WORKER_LOGS["route"]
+    if route is None or not QUIET["on"]:
+        return
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("ray_print_logs")  # Ray's printer: every line of every worker on the console
+    dispatcher.add_handler("asclepius_worker_logs", route)
+
+
+def started_here() -> bool:
+    """This process started the Ray instance it uses (`ray.init` of a local instance): no autoscaler, its nodes are
+    all there is. A driver that joined a cluster (`ray job submit`, address=auto) holds a connect-only, non-head node."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(node is not None and node.head and getattr(node, "ray_init_cluster", True))
+
+
 def init_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> None:
     """Start or join Ray once per process; a job run by `ray job submit` joins its cluster. `env`: variables every
     worker of this job needs (object storage's endpoint), passed in the job's runtime_env (Ray merges it with the
@@ -23,14 +57,21 @@ def init_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> None:
     # Our package must be importable by every worker: under `ray job submit --working-dir .` Ray ships it; for a
     # local run the workers inherit the driver's environment.
     quiet = QUIET["on"]  # the quiet console: Ray's own lines go to its log files, not to the driver's console
-    kwargs: dict = {"log_to_driver": not quiet, "include_dashboard": cfg.include_dashboard}
+    # Workers' output always comes to the driver (so `ray job logs` has the teacher's and training's warnings); the quiet
+    # console routes it (WORKER_LOGS): warnings and errors on the console, everything in the log file.
+    kwargs: dict = {"log_to_driver": True, "include_dashboard": cfg.include_dashboard}
+    runtime_env: dict = {}
     if quiet:
         kwargs.update(logging_level=logging.WARNING, configure_logging=False)
+        runtime_env["worker_process_setup_hook"] = "asclepius.cluster.configure_worker_logging"
     if env:
-        kwargs["runtime_env"] = {"env_vars": dict(env)}
+        runtime_env["env_vars"] = dict(env)
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+        _route_worker_logs()
         log.info("joined Ray cluster at %s", address)
         return
     # A local instance's workers inherit this process's environment: make sure they can import this package even
@@ -46,4 +87,5 @@ def init_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> None:
     # address="local": always a new instance of our own, even when the machine runs a Ray cluster (`ray start
     # --head`, or one that died without `ray stop`): a bare ray.init() would attach to it and refuse num_cpus.
     ray.init(address="local", **kwargs)
+    _route_worker_logs()
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))

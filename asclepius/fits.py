@@ -3,8 +3,19 @@
 A Ray job whose training workers ask for 8 GPUs on a cluster that has none and cannot add them does not fail: it
 stays pending, for hours, with a line in the autoscaler's log. So before the first stage each stage's needs —
 training workers × (CPU, GPU, custom resources), Serve replicas, the teacher's actors — are placed, first fit, on
-the nodes the cluster has now plus the nodes its autoscaler may add (the node types it reports to Ray), and a
-stage that cannot be placed stops the job with what it needs and what there is.
+the nodes the cluster has now plus the nodes its autoscaler may add, and a stage that cannot be placed stops the job
+with what it needs and what there is.
+
+What the autoscaler may add is read, first found first, from:
+1. `ray.node_types` in the config (`{}`: a cluster that adds no nodes);
+2. the cluster config the autoscaler reports to the GCS (when it does: Ray 2.60's cluster launcher does not);
+3. the cluster launcher's config on the head — the file the running autoscaler (`monitor.py --autoscaling-config`) was
+   started with, else `~/ray_bootstrap_config.yaml` — its `available_node_types` (with the resources `ray up` filled in);
+4. on KubeRay, the RayCluster this pod belongs to (RAY_CLUSTER_NAME / RAY_CLUSTER_NAMESPACE, read from the Kubernetes
+   API with the pod's service account), turned into node types by Ray's own KubeRay translation.
+When none of them answers, only a local instance this job started itself is known to add nothing; on any other
+cluster the check cannot know what may be added, so it warns with what does not fit the nodes there are now and
+goes on — a cluster that scales from zero is never refused for being empty.
 
 The stages run one after another, so each is placed on an empty cluster; what runs at the same time within a
 stage (a served teacher and the actors calling it, the served model and the judge's actors) is placed together.
@@ -12,10 +23,18 @@ stage (a served teacher and the actors calling it, the served model and the judg
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
-from asclepius.config import Config, ServedModelConfig
+import yaml
+
+from asclepius.cluster import started_here
+from asclepius.config import Config, RayConfig, ServedModelConfig
+from asclepius.stages import TEACHER_STAGES, TRAINING
+
+log = logging.getLogger("asclepius")
 
 AUTOSCALER_NODES_CONSIDERED = 64  # per node type without a maximum: enough for any stage of ours
 
@@ -48,8 +67,6 @@ def _serve_needs(models: list[ServedModelConfig]) -> list[Need]:
 
 def stage_needs(cfg: Config, stages: list[str]) -> dict[str, list[Need]]:
     """What each stage needs at once."""
-    from asclepius.pipeline import TEACHER_STAGES, TRAINING
-
     served = {m.name: m for m in (cfg.serve.models if cfg.serve else [])}
     teacher_model = [served[cfg.teacher_from_serve]] if cfg.teacher_from_serve in served else []
     needs: dict[str, list[Need]] = {}
@@ -68,20 +85,118 @@ def stage_needs(cfg: Config, stages: list[str]) -> dict[str, list[Need]]:
     return {s: g for s, g in needs.items() if g}
 
 
-def cluster_shapes() -> list[NodeShape]:
-    """The alive nodes (their total resources) and the autoscaler's node types (up to their max count)."""
+def _type_shape(name: str, resources: dict, max_workers: int) -> NodeShape | None:
+    limit = AUTOSCALER_NODES_CONSIDERED if max_workers < 0 else min(max_workers, AUTOSCALER_NODES_CONSIDERED)
+    resources = {k: float(v) for k, v in (resources or {}).items()}
+    return NodeShape(f"node type {name}", resources, limit) if limit > 0 and resources else None
+
+
+def types_from_autoscaling_config(config: dict) -> list[NodeShape]:
+    """Worker node types of an autoscaler config (the cluster launcher's YAML, or KubeRay's translation of a RayCluster)."""
+    head = config.get("head_node_type")
+    overall = config.get("max_workers", -1)
+    shapes = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        if name == head:
+            continue
+        most = spec.get("max_workers", overall)
+        most = min(most, overall) if overall is not None and overall >= 0 else most
+        shape = _type_shape(name, spec.get("resources") or {}, int(most))
+        if shape:
+            shapes.append(shape)
+    return shapes
+
+
+def _from_gcs() -> list[NodeShape] | None:
+    import ray
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 — an older GCS: nothing reported
+        return None
+    groups = getattr(config, "node_group_configs", None) or []
+    shapes = [_type_shape(g.name, dict(g.resources), g.max_count) for g in groups]
+    return [s for s in shapes if s] if groups else None
+
+
+def autoscaling_config_path(gcs_address: str) -> str | None:
+    """The autoscaling config the autoscaler of this cluster runs with, when it runs on this machine (a job's driver
+    runs on the head, where the cluster launcher starts it); else the launcher's `~/ray_bootstrap_config.yaml`."""
+    import psutil
+
+    port = gcs_address.rsplit(":", 1)[-1]
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            args = proc.info["cmdline"] or []
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if not any(a.endswith("monitor.py") for a in args):
+            continue
+        flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+        if flags.get("gcs-address", "").rsplit(":", 1)[-1] == port and flags.get("autoscaling-config"):
+            return os.path.expanduser(flags["autoscaling-config"])
+    bootstrap = os.path.expanduser("~/ray_bootstrap_config.yaml")
+    return bootstrap if os.path.isfile(bootstrap) else None
+
+
+def _from_launcher_config() -> tuple[list[NodeShape], str] | None:
+    import ray
+
+    path = autoscaling_config_path(ray.get_runtime_context().gcs_address)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as err:
+        log.warning("fits: cannot read the autoscaling config %s (%s)", path, type(err).__name__)
+        return None
+    return types_from_autoscaling_config(config), path
+
+
+def _from_kuberay() -> tuple[list[NodeShape], str] | None:
+    name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
+    if not name:
+        return None
+    try:
+        from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+        from ray.autoscaler._private.kuberay.node_provider import KubernetesHttpApiClient
+
+        if not namespace:
+            with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace", encoding="utf-8") as f:
+                namespace = f.read().strip()
+        ray_cr = KubernetesHttpApiClient(namespace).get(f"rayclusters/{name}")
+        return types_from_autoscaling_config(_derive_autoscaling_config_from_ray_cr(ray_cr)), f"RayCluster {namespace}/{name}"
+    except Exception as err:  # noqa: BLE001 — no API access (RBAC), not in a pod: say so, do not guess
+        log.warning("fits: cannot read RayCluster %s from the Kubernetes API (%s: %s); the service account needs `get` on "
+                    "rayclusters (deploy/kuberay/storage.yaml)", name, type(err).__name__, str(err)[:200])  # fmt: skip
+        return None
+
+
+def autoscaler_types(ray_cfg: RayConfig) -> tuple[list[NodeShape] | None, str]:
+    """(the node types the cluster may add, where that was read) — (None, why) when nothing says."""
+    if ray_cfg.node_types is not None:
+        return [s for n, t in ray_cfg.node_types.items() if (s := _type_shape(n, t.resources, t.max_workers))], "ray.node_types"
+    if started_here():
+        return [], "a local instance started by this job"
+    gcs = _from_gcs()
+    if gcs is not None:
+        return gcs, "the autoscaler's cluster config in the GCS"
+    for read in (_from_launcher_config, _from_kuberay):
+        found = read()
+        if found is not None:
+            return found
+    return None, "no autoscaler config found (set ray.node_types to check against the node types the cluster can add)"
+
+
+def cluster_shapes(ray_cfg: RayConfig | None = None) -> tuple[list[NodeShape], bool, str]:
+    """The alive nodes (their total resources) and the autoscaler's node types (up to their max count); whether that
+    is all the cluster can have, and where the node types were read."""
     import ray
 
     shapes = [NodeShape(n.get("NodeManagerAddress", "node"), dict(n["Resources"]), 1) for n in ray.nodes() if n.get("Alive")]
-    try:
-        config = ray._private.state.state.get_cluster_config()  # what an autoscaler (cluster launcher, KubeRay) reports
-    except Exception:  # an older GCS, a local instance: no autoscaler to ask
-        config = None
-    for group in getattr(config, "node_group_configs", None) or []:
-        limit = AUTOSCALER_NODES_CONSIDERED if group.max_count < 0 else min(group.max_count, AUTOSCALER_NODES_CONSIDERED)
-        if limit > 0 and group.resources:
-            shapes.append(NodeShape(f"node type {group.name}", dict(group.resources), limit))
-    return shapes
+    types, where = autoscaler_types(ray_cfg or RayConfig())
+    return shapes + (types or []), types is not None, where
 
 
 def _fits(bundle: dict[str, float], free: dict[str, float]) -> bool:
@@ -111,7 +226,9 @@ def _fmt(resources: dict[str, float]) -> str:
 
 
 def check_fits(cfg: Config, stages: list[str], shapes: list[NodeShape] | None = None) -> None:
-    shapes = cluster_shapes() if shapes is None else shapes
+    known, where = True, "given"
+    if shapes is None:
+        shapes, known, where = cluster_shapes(cfg.ray)
     report = []
     for stage, group in stage_needs(cfg, stages).items():
         problems = place(group, shapes)
@@ -120,8 +237,12 @@ def check_fits(cfg: Config, stages: list[str], shapes: list[NodeShape] | None = 
     if report:
         there = "; ".join(f"{s.count if s.count < AUTOSCALER_NODES_CONSIDERED else 'any number'} × {s.name} {_fmt(s.resources)}"
                           for s in shapes if not math.isclose(sum(s.resources.values()), 0))  # fmt: skip
+        if not known:  # it may add nodes we cannot see: never refuse a cluster that scales from zero
+            log.warning("fits: the node types this cluster can add are unknown (%s); going on. What does not fit the nodes "
+                        "it has now:\n%s\n  it has: %s", where, "\n".join(report), there or "nothing")  # fmt: skip
+            return
         raise ClusterTooSmall(
             "the config does not fit this cluster, so its job would wait forever:\n" + "\n".join(report)
-            + f"\n  the cluster has or can add: {there or 'nothing'}\n  lower the counts above, or add a node type with "
+            + f"\n  the cluster has or can add: {there or 'nothing'} (node types from {where})\n  lower the counts above, or add a node type with "
             "these resources to the cluster (cluster.yaml / the RayCluster's worker groups); ray.check_fits: false skips this check"
         )

@@ -9,12 +9,13 @@ it down while training runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 from asclepius.cluster import init_ray
-from asclepius.config import Config, TeacherConfig
-from asclepius.console import shown
+from asclepius.config import Config, ConfigError, TeacherConfig, placeholders
+from asclepius.console import publish_log, shown
 from asclepius.evaluate.stage import STAGE as EVALUATE
 from asclepius.fits import check_fits
 from asclepius.generate.answers import STAGE as ANSWERS
@@ -23,18 +24,18 @@ from asclepius.generate.questions import EVAL_STAGE as EVAL_QUESTIONS
 from asclepius.generate.questions import STAGE as QUESTIONS
 from asclepius.generate.split import STAGE as SPLIT
 from asclepius.generate.synthesize import STAGE as SYNTHESIZE
+from asclepius.keys import check_keys
+from asclepius.lease import RunLease
 from asclepius.notes.stage import NOTES_STAGE
 from asclepius.run import RunDir, Stage, StageStatus, run_stage, stage_status
 from asclepius.serve.stage import STAGE_DEF as SERVE
+from asclepius.stages import STAGE_ORDER, TEACHER_STAGES, TRAINING  # noqa: F401 — STAGE_ORDER re-exported
 from asclepius.serve.stage import ServedApp
 from asclepius.storage import storage_env
 from asclepius.train.ray_train import FINETUNE_STAGE, PRETRAIN_STAGE
 
 log = logging.getLogger("asclepius")
 
-STAGE_ORDER = ["notes", "synthesize", "split", "questions", "answers", "eval_questions", "pretrain", "finetune", "serve", "evaluate"]
-TEACHER_STAGES = {"synthesize", "questions", "answers", "eval_questions", "evaluate"}
-TRAINING = {"pretrain", "finetune"}
 
 
 class TeacherSource:
@@ -91,15 +92,24 @@ def pipeline_status(cfg: Config) -> list[StageStatus]:
 
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False) -> dict[str, dict]:
+    """Before any stage: the config has no placeholder left, every stage fits the cluster, every key file is readable
+    where it will be read, and this driver holds the run directory's lease. Then the stages, in order."""
     unknown = [s for s in stages or [] if s not in STAGE_ORDER]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages: {STAGE_ORDER}")
+    left = placeholders(cfg)
+    if left:
+        raise ConfigError(f"the config still holds the preset's placeholders (YOUR-...) in {', '.join(left)}: set them, e.g. "
+                          f"`{left[0]}=...` after the config path")  # fmt: skip
     started = time.time()
     init_ray(cfg.ray, storage_env(cfg.storage.endpoint_url, cfg.storage.region))
     selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
     if cfg.ray.check_fits:  # a stage that cannot be placed would leave the job pending forever: stop before any work
         check_fits(cfg, [s.name for s in selected])
+    check_keys(cfg, [s.name for s in selected])
     run = RunDir.open(cfg.run_dir)
+    lease = RunLease.acquire(cfg.run_dir, cfg.lease.heartbeat_s, cfg.lease.stale_after_s)
+    run = dataclasses.replace(run, lease=lease)
     served = ServedApp(cfg, run) if cfg.serve is not None else None
     teacher = TeacherSource(cfg, served)
     extra = {"served": served, "served_url": lambda: served.url(with_run_models=True) if served else _no_serve(),
@@ -110,7 +120,10 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
             if stage.name in TRAINING and served is not None:
                 served.release()  # training gets every CPU/GPU; the app comes back when a stage needs it
             t = time.time()
-            entry = run_stage(stage, cfg, run, force=force, teacher=teacher if stage.name in TEACHER_STAGES else None, extra=extra)
+            try:
+                entry = run_stage(stage, cfg, run, force=force, teacher=teacher if stage.name in TEACHER_STAGES else None, extra=extra)
+            finally:
+                publish_log(run)  # the full log where the run is, at every stage's end (and when one fails)
             if entry.get("skipped"):
                 shown(log, "%s: up to date, skipped", stage.name)
             elif stage.summary:
@@ -119,7 +132,10 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     finally:
         if served is not None and not cfg.serve.keep_running:
             served.release()
+        if lease is not None:
+            lease.release()
     shown(log, "pipeline: %d stage(s) done in %.1f s; run directory %s", len(results), time.time() - started, cfg.run_dir)
+    publish_log(run)
     return results
 
 
