@@ -14,7 +14,8 @@ from pydantic import BaseModel
 from asclepius import config as C
 
 SECTIONS = [
-    ("(top level)", C.Config), ("ray", C.RayConfig), ("notes", C.NotesConfig), ("notes.sources[]", C.NoteSourceConfig),
+    ("(top level)", C.Config), ("ray", C.RayConfig), ("ray.node_types.<name>", C.NodeTypeConfig), ("storage", C.StorageConfig),
+    ("lease", C.LeaseConfig), ("notes", C.NotesConfig), ("notes.sources[]", C.NoteSourceConfig),
     ("teacher", C.TeacherConfig), ("split", C.SplitConfig), ("synthesize", C.SynthesizeConfig), ("questions", C.QuestionsConfig),
     ("answers", C.AnswersConfig), ("instructions_import", C.ImportConfig), ("model", C.ModelConfig),
     ("pretrain / finetune", C.TrainHyperparams), ("serve", C.ServeConfig), ("serve.models[]", C.ServedModelConfig),

@@ -94,31 +94,67 @@ def test_cluster_yaml_passes_rays_own_validation():
 
 def test_cluster_yaml_is_coherent():
     c = cluster_yaml()
-    assert c["docker"]["image"].startswith(f"rayproject/ray:{RAY_PIN}-py311-gpu")
+    # one image, the project's own (deploy/Dockerfile), which KubeRay runs too: nothing is pip-installed when a node joins
+    image = c["docker"]["image"]
+    assert image.endswith(f":0.1.0-ray{RAY_PIN}-py311-gpu") and image == kuberay_images().pop()
     setup = "\n".join(c["setup_commands"])
-    # the CUDA build of torch, pinned, then this checkout with its own pins, from where file_mounts put it
-    assert re.search(r'torch==[0-9.]+" --index-url https://download.pytorch.org/whl/cu\d+', setup)
-    assert c["file_mounts"][IMAGE_DIR] == "." and f"pip install --quiet -e {IMAGE_DIR}" in setup
+    assert "pip install" not in setup and IMAGE_DIR not in c["file_mounts"]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{RAY_PIN}-py311-gpu" in dockerfile
+    assert re.search(r'torch==[0-9.]+" --index-url https://download.pytorch.org/whl/cu\d+', dockerfile)
     # token auth: one token, from the laptop, on every node; every ray start in token mode
     assert c["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
-    for cmd in c["head_start_ray_commands"][1:] + c["worker_start_ray_commands"][1:]:
-        assert "RAY_AUTH_MODE=token" in cmd and "--metrics-export-port=8080" in cmd
+    starts = [cmd for cmd in c["head_start_ray_commands"] + c["worker_start_ray_commands"] if "ray start" in cmd]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in cmd and "--metrics-export-port=8080" in cmd for cmd in starts)
     # the head takes no work, GPU types scale from zero and back after idle_timeout
     types = c["available_node_types"]
     assert types[c["head_node_type"]]["resources"] == {"CPU": 0} and c["idle_timeout_minutes"] > 0
     gpu_types = {k: v for k, v in types.items() if k.startswith("gpu_")}
     assert gpu_types and all(v["min_workers"] == 0 for v in gpu_types.values())
     assert any(v["resources"].get("train_node") == 8 for v in gpu_types.values())
-    # Serve's port is open (inside the VPC)
+    # pinned hosts: one GPU AMI (current driver) on every node, private subnets, internal IPs, own roles
+    assert len({v["node_config"]["ImageId"] for v in types.values()}) == 1 and c["provider"]["use_internal_ips"] is True
+    assert "base-oss-nvidia-driver-gpu" in (ROOT / "cluster.yaml").read_text()  # the AMI family the README pins
+    assert all(v["node_config"].get("SubnetIds") for v in types.values())
+    assert types[c["head_node_type"]]["node_config"]["IamInstanceProfile"] == {"Name": "asclepius-head"}
+    assert all(v["node_config"]["IamInstanceProfile"] == {"Name": "asclepius-worker"} for k, v in types.items() if k != c["head_node_type"])
+    # Serve's port is open to the VPC's own CIDR (whatever it is: not a guessed 10.0.0.0/8)
     rules = c["provider"]["security_group"]["IpPermissions"]
-    assert any(r["FromPort"] <= 8000 <= r["ToPort"] for r in rules)
-    # every preset writes to S3, which every worker type may reach through its instance profile (the head through
-    # Ray's default one), and reads its keys where file_mounts put them
-    assert all(v["node_config"].get("IamInstanceProfile") for k, v in types.items() if k != c["head_node_type"])
+    serve_rules = [r for r in rules if r["FromPort"] <= 8000 <= r["ToPort"]]
+    assert serve_rules and all(ip["CidrIp"] == "YOUR-VPC-CIDR" for r in serve_rules for ip in r["IpRanges"])
+    # metrics: Prometheus and Grafana on the head, the dashboard embedding them, our dashboard provisioned
+    head = "\n".join(c["head_start_ray_commands"])
+    assert "RAY_PROMETHEUS_HOST=http://127.0.0.1:9090" in head and "RAY_GRAFANA_HOST=http://127.0.0.1:3000" in head
+    assert "prometheus --config.file=/tmp/ray/session_latest/metrics/prometheus/prometheus.yml" in head and "grafana server" in head
+    assert "/opt/asclepius/grafana/asclepius.json" in head and "deploy/grafana/asclepius.json /opt/asclepius/grafana/asclepius.json" in dockerfile
+    # every preset writes to S3 and every key file it reads is on every node, where the preset looks for it
+    from asclepius.keys import key_files
+    from asclepius.stages import STAGE_ORDER
+
     for name in PRESETS:
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         assert cfg.run_dir.startswith("s3://")
-        assert cfg.teacher.api_key_file in c["file_mounts"]
+        keys = key_files(cfg, STAGE_ORDER)
+        assert {k.field for k in keys} >= {"teacher.api_key_file", "serve.api_key_file"}, name
+        assert all(k.path in c["file_mounts"] and k.path in setup for k in keys), (name, keys)
+
+
+def test_the_image_holds_no_run_data_and_no_local_state():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"runs/", ".venv/", ".git/"} <= set(ignored)
+    copies = [line.split()[-2] if len(line.split()) > 3 else line.split()[1] for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY")]  # fmt: skip
+    assert "." not in copies and not any(c.startswith(("runs", "tests", ".venv", ".git")) for c in copies), copies
+
+
+def test_iam_policies_are_the_readmes():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("run-policy.json", "head-policy.json"):
+        text = (ROOT / "deploy" / "iam" / name).read_text().strip()
+        json.loads(text)
+        assert text in readme, f"README must state deploy/iam/{name} in full"
+    head = json.loads((ROOT / "deploy" / "iam" / "head-policy.json").read_text())
+    assert any(st["Action"] == "iam:PassRole" and st["Resource"].endswith(":role/asclepius-worker") for st in head["Statement"])
 
 
 def test_dependencies_cover_every_import_a_job_makes():
@@ -156,6 +192,11 @@ def test_the_crd_schema_copy_catches_a_wrong_manifest():
     assert list(jsonschema.Draft7Validator(schema).iter_errors(bad))
 
 
+def kuberay_images() -> set[str]:
+    return {c["image"] for spec in cluster_specs().values() for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+            for c in g["template"]["spec"]["containers"]}  # fmt: skip
+
+
 def cluster_specs():
     docs = manifests()
     return {"rayjob": docs["rayjob"]["spec"]["rayClusterSpec"], "rayservice": docs["rayservice"]["spec"]["rayClusterConfig"]}
@@ -170,11 +211,17 @@ def test_kuberay_manifests_match_the_crds():
 
 def test_kuberay_rules_beyond_the_schema():
     job = manifests()["rayjob"]["spec"]
-    # the entrypoint runs the pipeline with a preset this repository has, at the path the image holds it
-    m = re.fullmatch(rf"python {IMAGE_DIR}/ray_jobs/pipeline\.py --config {IMAGE_DIR}/(configs/[\w.-]+\.yaml)", job["entrypoint"])
-    assert m and (ROOT / m.group(1)).is_file()
-    preset = load_config(ROOT / m.group(1))
-    assert preset.run_dir.startswith("s3://")
+    # the entrypoint runs the pipeline with a preset this repository has, at the path the image holds it; where the
+    # run and the notes are is said here, as overrides, and every placeholder of the preset is given a value
+    m = re.fullmatch(rf"python {IMAGE_DIR}/ray_jobs/pipeline\.py --config {IMAGE_DIR}/(configs/[\w.-]+\.yaml)((?: \S+=\S+)+)", job["entrypoint"])
+    assert m and (ROOT / m.group(1)).is_file(), job["entrypoint"]
+    overrides = m.group(2).split()
+    from asclepius.config import placeholders
+
+    assert placeholders(load_config(ROOT / m.group(1))) == ["run_dir", "notes.sources.0.path", "teacher.azure_endpoint"]
+    assert [o.split("=")[0] for o in overrides] == ["run_dir", "notes.sources.0.path", "teacher.azure_endpoint"]
+    preset = load_config(ROOT / m.group(1), overrides)
+    assert preset.run_dir.startswith("s3://") and preset.serve.models[0].source == preset.run_dir + "/checkpoints/finetune/final"
     storage = list(yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "storage.yaml").read_text()))
     account = next(d["metadata"]["name"] for d in storage if d["kind"] == "ServiceAccount")
     for name, spec in cluster_specs().items():
@@ -205,6 +252,53 @@ def test_kuberay_rules_beyond_the_schema():
     assert preset.finetune.num_workers <= gpus * train["maxReplicas"]
 
 
+RAY_IMAGE_USER = (1000, 100)  # rayproject/ray images run as `ray`, uid 1000, primary group users (100)
+
+
+def readable_by(uid: int, gid: int, mode: int, pod_security: dict) -> bool:
+    """Kubernetes' ownership of a secret / projected volume's files: root, group fsGroup when the pod sets one, mode
+    defaultMode. Whether the container's user can read them."""
+    user = pod_security.get("runAsUser", uid)
+    groups = {pod_security.get("runAsGroup", gid), *(pod_security.get("supplementalGroups") or [])}
+    if user == 0 or mode & 0o004:
+        return True
+    return bool(mode & 0o040) and pod_security.get("fsGroup") is not None and pod_security["fsGroup"] in groups | {gid}
+
+
+def test_kuberay_pods_can_read_the_keys_the_presets_name_as_the_image_user():
+    from asclepius.keys import key_files
+    from asclepius.stages import STAGE_ORDER
+
+    assert not readable_by(*RAY_IMAGE_USER, 0o400, {})  # what the manifests had: root-owned 0400, unreadable for uid 1000
+    for name, spec in cluster_specs().items():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            pod = group["template"]["spec"]
+            keys = next(v for v in pod["volumes"] if v["name"] == "keys")["projected"]
+            assert readable_by(*RAY_IMAGE_USER, keys["defaultMode"], pod.get("securityContext", {})), (name, group.get("groupName"))
+            mount = next(m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] == "keys")
+            files = {f"{mount}/{item['path']}" for src in keys["sources"] for item in src["secret"]["items"]}
+            cfg = load_config(ROOT / "configs" / "asclepius-r-7b.yaml")
+            needed = {k.path for k in key_files(cfg, ["serve"] if name == "rayservice" else STAGE_ORDER)}
+            assert needed <= files, (name, needed - files)
+
+
+def test_kuberay_groups_land_on_their_machines_and_the_dashboard_finds_prometheus():
+    for name, spec in cluster_specs().items():
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in head.get("env", [])}
+        assert env["RAY_PROMETHEUS_HOST"].startswith("http://") and env["RAY_GRAFANA_HOST"].startswith("http://"), name
+        for group in spec["workerGroupSpecs"]:
+            selector = group["template"]["spec"].get("nodeSelector") or {}
+            assert selector.get("node.kubernetes.io/instance-type"), (name, group["groupName"])  # an 8-GPU group never lands on a small GPU
+            ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+            assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"])
+    monitor = yaml.safe_load((ROOT / "deploy" / "kuberay" / "monitoring.yaml").read_text())
+    assert monitor["kind"] == "PodMonitor" and monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    rbac = list(yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "storage.yaml").read_text()))
+    role = next(d for d in rbac if d["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayclusters"], "verbs": ["get"]}]  # the fits check reads it
+
+
 def test_rayservice_serves_our_serve_config():
     from ray.serve.schema import ServeDeploySchema
 
@@ -214,14 +308,17 @@ def test_rayservice_serves_our_serve_config():
     path = served["applications"][0]["args"]["config"]
     assert path.startswith(IMAGE_DIR + "/")
     local = ROOT / path[len(IMAGE_DIR) + 1 :]
-    assert served == serve_deploy_config(path, load_config(local).serve)  # generated from the preset, not retyped
+    overrides = served["applications"][0]["args"]["overrides"]
+    assert served == serve_deploy_config(path, load_config(local, overrides).serve, overrides)  # generated from the preset, not retyped
+    assert [o.split("=")[0] for o in overrides] == ["run_dir"]  # the run is the manifest's to say, not the image's
     head_ports = {p["containerPort"] for p in service["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
     assert served["http_options"]["port"] in head_ports
 
 
 def test_print_serve_config_is_the_manifests_serve_config():
     proc = subprocess.run([sys.executable, "-m", "asclepius.cli", "serve", "--config", str(ROOT / "configs/asclepius-r-7b.yaml"),
-                           "--print-serve-config", f"{IMAGE_DIR}/configs/asclepius-r-7b.yaml"],
+                           "--print-serve-config", f"{IMAGE_DIR}/configs/asclepius-r-7b.yaml",
+                           "run_dir=s3://YOUR-BUCKET/asclepius/runs/asclepius-r-7b"],
                           capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     assert yaml.safe_load(proc.stdout) == yaml.safe_load(manifests()["rayservice"]["spec"]["serveConfigV2"])
 
@@ -229,11 +326,13 @@ def test_print_serve_config_is_the_manifests_serve_config():
 def test_app_builder_builds_the_app_from_a_preset(tmp_path):
     from ray.serve import Application
 
-    from asclepius.serve.app import app_builder
+    from asclepius.serve.app import ServeConfigError, app_builder
 
     key = tmp_path / "serve_key"
     key.write_text("k")
-    app = app_builder({"config": str(ROOT / "configs/asclepius-r-7b.yaml"), "overrides": [f"serve.api_key_file={key}"]})
+    with pytest.raises(ServeConfigError, match="run_dir is still the preset's placeholder"):
+        app_builder({"config": str(ROOT / "configs/asclepius-r-7b.yaml"), "overrides": [f"serve.api_key_file={key}"]})
+    app = app_builder({"config": str(ROOT / "configs/asclepius-r-7b.yaml"), "overrides": [f"serve.api_key_file={key}", f"run_dir={tmp_path / 'run'}"]})
     assert isinstance(app, Application)
 
 
@@ -334,3 +433,54 @@ def _own_instance_next_to(tmp_path: Path) -> None:
     probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=180)
     assert probe.returncode == 0, probe.stderr[-3000:]
     kill_ray_processes_under(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- what the cluster can add
+def test_node_types_from_the_cluster_launchers_config_as_ray_up_leaves_it_on_the_head():
+    from asclepius.fits import types_from_autoscaling_config
+
+    # `ray up` fills each type's resources from its instance type before writing ~/ray_bootstrap_config.yaml
+    config = cluster_yaml()
+    filled = {"gpu_train_8xa100": {"CPU": 96, "GPU": 8, "train_node": 8}, "gpu_serve_1xa10g": {"CPU": 8, "GPU": 1},
+              "gpu_serve_1xl40s": {"CPU": 8, "GPU": 1}, "cpu_worker": {"CPU": 32}}  # fmt: skip
+    for name, res in filled.items():
+        config["available_node_types"][name]["resources"] = res
+    shapes = {s.name: s for s in types_from_autoscaling_config(config)}
+    assert set(shapes) == {f"node type {n}" for n in filled}  # the head is not a type the autoscaler adds
+    assert shapes["node type gpu_train_8xa100"].count == 2 and shapes["node type gpu_train_8xa100"].resources["GPU"] == 8
+    preset = load_config(ROOT / "configs" / "asclepius-r-7b.yaml")
+    head = NodeShape("head", {"CPU": 0.0, "memory": 6e10}, 1)
+    check_fits(preset, ["pretrain", "finetune", "serve"], [head, *shapes.values()])  # from zero, every stage fits
+    with pytest.raises(ClusterTooSmall, match="room for 0"):
+        check_fits(preset, ["finetune"], [head])  # the head alone: what the old check saw, and refused
+
+
+def test_node_types_from_the_rayclusters_worker_groups_by_rays_own_translation():
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    from asclepius.fits import types_from_autoscaling_config
+
+    ray_cr = {"metadata": {"name": "asclepius-r-7b", "namespace": "default"}, "spec": cluster_specs()["rayjob"]}
+    shapes = {s.name: s for s in types_from_autoscaling_config(_derive_autoscaling_config_from_ray_cr(ray_cr))}
+    train = shapes["node type gpu-train-8x"]
+    assert train.count == 2 and train.resources["GPU"] == 8 and train.resources["train_node"] == 8
+    preset = load_config(ROOT / "configs" / "asclepius-r-7b.yaml")
+    check_fits(preset, ["pretrain", "finetune", "serve"], list(shapes.values()))
+
+
+def test_an_unknown_autoscaler_warns_and_goes_on_a_declared_one_refuses(ray_local, caplog, monkeypatch):
+    import asclepius.fits as fits
+
+    cfg = demo_like(finetune={"num_workers": 8, "use_gpu": True, "micro_batch": 4, "cpus_per_worker": 8}, ray={"address": "auto"})
+    monkeypatch.setattr(fits, "started_here", lambda: False)  # as a job's driver on a cluster it joined
+    monkeypatch.setattr(fits, "autoscaling_config_path", lambda gcs: None)  # no launcher config, not on KubeRay
+    monkeypatch.delenv("RAY_CLUSTER_NAME", raising=False)
+    with caplog.at_level("WARNING", logger="asclepius"):
+        check_fits(cfg, ["finetune"])  # a cluster that may scale from zero is never refused for being empty now
+    assert any("node types this cluster can add are unknown" in r.getMessage() and "room for 0" in r.getMessage() for r in caplog.records)
+    declared = demo_like(finetune={"num_workers": 8, "use_gpu": True, "micro_batch": 4, "cpus_per_worker": 8},
+                         ray={"address": "auto", "node_types": {"gpu8": {"resources": {"CPU": 96, "GPU": 8}, "max_workers": 1}}})  # fmt: skip
+    check_fits(declared, ["finetune"])
+    declared.ray.node_types = {}  # a cluster that adds no nodes: what it has is all
+    with pytest.raises(ClusterTooSmall, match=r"(?s)room for 0.*node types from ray\.node_types"):
+        check_fits(declared, ["finetune"])

@@ -57,7 +57,7 @@ def answers(ctx: StageRun) -> dict:
                 "max_tokens": ac.max_tokens, "temperature": ac.temperature, "sample_index": r.note_id,
                 "seed": request_seed(cfg, "answers", r.note_id),
             })  # fmt: skip
-    out = ask_rows(teacher, "answers", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "answers"), spent_usd=spent_so_far(ctx.run)) if rows else pd.DataFrame()
+    out = ask_rows(teacher, "answers", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "answers"), spent_usd=spent_so_far(ctx.run, exclude=ctx.stage.name)) if rows else pd.DataFrame()
     regex = compile_filter(ac.filter_regex)
     kept = []
     for r in out.itertuples() if len(out) else []:

@@ -215,7 +215,7 @@ def questions(ctx: StageRun) -> dict:
         rows = question_requests(cfg, notes, token_counter(teacher), counts, plans=plans)
     out, pool_stats = pd.DataFrame(), {}
     if rows:
-        out, pool_stats = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash, spent_usd=spent_so_far(ctx.run))
+        out, pool_stats = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash, spent_usd=spent_so_far(ctx.run, exclude=ctx.stage.name))
     kept = []
     for r in _cleaned(out, counts):
         if _rejected(r.accepted_in_pool) and qc.drop_similar:
@@ -272,7 +272,7 @@ def eval_questions(ctx: StageRun) -> dict:
     out = pd.DataFrame()
     if rows:
         out, _ = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "eval_questions"), ctx.config_hash, stage="eval_questions",
-                               spent_usd=spent_so_far(ctx.run))  # fmt: skip
+                               spent_usd=spent_so_far(ctx.run, exclude=ctx.stage.name))  # fmt: skip
     kept = [{c: getattr(r, c) for c in EVAL_COLUMNS} for r in _cleaned(out, counts)]
     table = pd.DataFrame(kept, columns=EVAL_COLUMNS)
     counts["kept"] = len(table)

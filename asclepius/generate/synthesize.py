@@ -65,7 +65,7 @@ def synthesize(ctx: StageRun) -> dict:
                 "temperature": sc.temperature, "sample_index": r.note_id, "seed": request_seed(cfg, "synthesize", r.note_id),
             })  # fmt: skip
             counts["input_truncated"] += truncated
-    out = ask_rows(teacher, "synthesize", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "synthesize"), spent_usd=spent_so_far(ctx.run)) if rows else pd.DataFrame()
+    out = ask_rows(teacher, "synthesize", pd.DataFrame(rows), ledger_dir(cfg, ctx.run, "synthesize"), spent_usd=spent_so_far(ctx.run, exclude=ctx.stage.name)) if rows else pd.DataFrame()
     kept = []
     for r in out.itertuples() if len(out) else []:
         text = (r.response or "").strip() if r.status == "ok" else ""

@@ -114,9 +114,12 @@ def estimate(prompt_tokens: list[int], max_tokens: list[int], n: int, price: tup
     return SpendEstimate(len(prompt_tokens), prompt, completion, cost_usd(prompt, completion, price))
 
 
-def check_budget(est: SpendEstimate, budget_usd: float | None, already_spent_usd: float = 0.0) -> None:
-    if budget_usd is not None and est.usd_max + already_spent_usd > budget_usd:
+def check_budget(est: SpendEstimate, budget_usd: float | None, already_spent_usd: float = 0.0, in_flight_reserve_usd: float = 0.0) -> None:
+    """`in_flight_reserve_usd`: what the requests that may be in flight at once would cost if sent twice — a request in
+    flight when its node is lost has no record yet, so a rerun sends it (and the provider bills it) again."""
+    if budget_usd is not None and est.usd_max + already_spent_usd + in_flight_reserve_usd > budget_usd:
         raise BudgetExceeded(
-            f"the stage may cost up to ${est.usd_max:,.2f} (+ ${already_spent_usd:,.2f} already spent), over the "
+            f"the stage may cost up to ${est.usd_max:,.2f} (+ ${already_spent_usd:,.2f} already spent, + "
+            f"${in_flight_reserve_usd:,.2f} for the requests in flight, which a lost node would send again), over the "
             f"budget of ${budget_usd:,.2f} (teacher.budget_usd); raise the budget or reduce the rows"
         )

@@ -1,4 +1,5 @@
-"""The request ledger: exactly-once teacher calls across crashes, kills and resubmitted jobs.
+"""The request ledger: every stored answer is used exactly once across crashes, kills and resubmitted jobs; a request
+in flight when its process or node is lost is sent again (at least once).
 
 Layout: `<ledger>/<stage>/part-<writer>*.jsonl`, records of one writer (a Ray actor or process) each, so many
 workers write at once without locks — on a local or shared (NFS, Lustre, EFS) filesystem one append-only file per
@@ -7,9 +8,16 @@ group commit (`asclepius.storage.AppendLog`): a request's result counts only onc
 stored, and the requests that finish while a write is in flight share the next one. A reader merges every part; a
 local line cut short by a kill is ignored (and counted) — its request was not finished, so it is sent again.
 
-What a kill or a lost node costs: only the requests whose answers had arrived but whose record was not yet stored
-— on a filesystem one fsync, on object storage one PUT (tens of milliseconds): at most the requests one writer
-finished in that window, each sent again once.
+What is guaranteed, and what is not:
+- **Exactly once for every stored record**: a key whose final record is stored is answered from the ledger by every
+  later attempt and job, and never sent (or paid) again.
+- **At least once for requests in flight** at a kill or a node loss: they have no record yet, so the next attempt
+  sends them again, and the provider bills both. That is at most the requests in flight at once (teacher.num_actors ×
+  the concurrency per actor) plus those one writer finished in its last fsync / PUT window (tens of milliseconds on
+  S3). The budget check (`teacher.budget_usd`) counts them: before a stage spends, it adds what this ledger already
+  paid and the price of one full set of in-flight requests to the estimate (asclepius.teacher.ray_data.plan_requests).
+- Two drivers on one run directory would both send every request: the run directory's lease (asclepius.lease)
+  refuses the second one.
 
 A key is finished when its record is final: a response (whatever its finish_reason) or an error that retrying
 cannot fix (a 4xx other than 408/409/429). Errors that ran out of retries are recorded too, and are tried again

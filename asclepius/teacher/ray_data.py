@@ -178,7 +178,11 @@ def plan_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, ledger_d
     concurrency = concurrency_for(cfg, mean_tokens, len(todo))
     log.info("teacher %s: %s; %d already in the ledger; %d actors × %d in flight", stage, est.line(cfg.model),
              int(counts["cached"].sum()), cfg.num_actors, concurrency)  # fmt: skip
-    check_budget(est, cfg.budget_usd, spent_usd)
+    # paid already: the earlier stages (spent_usd) and what this ledger holds (answered once, never paid again); and
+    # the requests in flight at once, which a lost node would send (and the provider bill) a second time
+    paid_here = sum(float(r.get("cost_usd") or 0) for r in scan.records.values())
+    reserve = est.usd_max / max(1, est.requests) * min(est.requests, cfg.num_actors * concurrency)
+    check_budget(est, cfg.budget_usd, spent_usd + paid_here, reserve)
     name = default_limiter_name(cfg)
     limiter_actor(name, cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_safety, window_s=cfg.window_s, accounting=cfg.rate_accounting)
     return Plan(est, int(counts["cached"].sum()), name, ledger_dir, concurrency)
@@ -346,9 +350,10 @@ def teacher_totals(df: pd.DataFrame) -> dict:
     }
 
 
-def spent_so_far(run: RunDir) -> float:
-    """Dollars the run's stages have spent on teachers so far, from the manifest: `budget_usd` caps the pipeline."""
-    stages = run.read_manifest()["stages"].values()
+def spent_so_far(run: RunDir, exclude: str | None = None) -> float:
+    """Dollars the run's stages have spent on teachers so far, from the manifest: `budget_usd` caps the pipeline.
+    `exclude`: the stage asking — what it paid is in its own ledger, counted when it plans."""
+    stages = [e for name, e in run.read_manifest()["stages"].items() if name != exclude]
     return sum(float((e.get("teacher") or {}).get("cost_usd", 0) or 0) for e in stages) + sum(
         float(c.get("cost_usd", 0) or 0) for e in stages for c in (e.get("costs") or {}).values() if isinstance(c, dict)
     )
