@@ -27,7 +27,7 @@ demo: install
 	$(PY) -m asclepius.cli run --config configs/demo.yaml $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

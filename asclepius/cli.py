@@ -123,7 +123,7 @@ def stage_job(stage: str) -> int:
 # ----------------------------------------------------------------------------------------------- status
 def _status(args, cfg) -> int:
     from asclepius.run import RunDir
-    from asclepius.status import status_rows, status_table
+    from asclepius.status import published_outputs, status_rows, status_table
 
     run_dir = args.run_dir
     if cfg is not None and os.path.abspath(os.path.expanduser(cfg.run_dir)) != os.path.abspath(os.path.expanduser(run_dir)) and "://" not in run_dir:
@@ -135,8 +135,9 @@ def _status(args, cfg) -> int:
         from asclepius.storage import storage_env
 
         storage_env(cfg.storage.endpoint_url, cfg.storage.region)
-    rows = status_rows(RunDir.open(run_dir), cfg)
-    print(json.dumps(rows, indent=1) if args.json else status_table(rows, run_dir))
+    run = RunDir.open(run_dir)
+    rows = status_rows(run, cfg)
+    print(json.dumps(rows, indent=1) if args.json else status_table(rows, run_dir, published_outputs(run)))
     return 0
 
 

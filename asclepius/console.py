@@ -38,9 +38,14 @@ def route_worker_logs(data: dict) -> None:
     autoscaler's node events) to the console too — so they are in `ray job logs`."""
     pid = data.get("pid")
     if pid == "autoscaler":  # its node events (Adding 2 node(s) of type ...), as Ray's own printer picks them
-        from ray._private.worker import filter_autoscaler_events
+        lines = data.get("lines") or []
+        try:
+            from ray._private.worker import filter_autoscaler_events
 
-        for line in filter_autoscaler_events(data.get("lines") or []):
+            events = list(filter_autoscaler_events(lines))
+        except Exception:  # noqa: BLE001 — no GCS to ask which autoscaler runs: v1's event marker
+            events = [line.split(":event_summary:", 1)[1] for line in lines if ":event_summary:" in line]
+        for line in events:
             workers_log.warning("(autoscaler) %s", line.rstrip())
         return
     who = data.get("actor_name") or data.get("task_name") or "worker"

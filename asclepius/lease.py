@@ -14,7 +14,8 @@ rows. So the pipeline takes `<run>/.lease.json` before its first stage:
   and how long ago it was renewed.
 - **Taken over when stale.** A lease not renewed for `lease.stale_after_s` (its holder was killed: kill -9, a lost
   head node) is taken over, and the new holder says so. Age is measured on one clock: the store's (S3's Last-Modified
-  against its Date header) or the filesystem's (the file's mtime against now).
+  against its Date header) or the filesystem's (the file's mtime against now). A holder on this same host whose
+  process is gone (kill -9, then the same command again on the same head) is stale at once.
 - **Released** at the end of the run.
 
 gs:// run directories have no lease yet (a warning says so); two drivers there are not prevented.
@@ -50,7 +51,7 @@ class LeaseLost(RuntimeError):
 
 @dataclass
 class Holder:
-    """Who holds a lease: enough for a person to find the other driver."""
+    """Who holds a lease: enough for a person to find the other driver (and for this host to know it is gone)."""
 
     id: str
     host: str
@@ -58,17 +59,33 @@ class Holder:
     job: str | None
     command: str
     started_at: float
+    pid_started: float = 0.0  # the process's start time: a reused pid is not the holder
 
     @classmethod
     def this_process(cls) -> Holder:
         import sys
 
+        import psutil
+
         job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")  # set for `ray job submit`
-        return cls(uuid.uuid4().hex, socket.gethostname(), os.getpid(), job, " ".join(sys.argv)[:300], time.time())
+        return cls(uuid.uuid4().hex, socket.gethostname(), os.getpid(), job, " ".join(sys.argv)[:300], time.time(),
+                   psutil.Process().create_time())  # fmt: skip
 
     def describe(self) -> str:
         job = f", job {self.job}" if self.job else ""
         return f"{self.host} pid {self.pid}{job} ({self.command})"
+
+    def gone(self) -> bool:
+        """Known to be dead: it ran on this host and its process is no more (kill -9, then the same command again on the
+        same head). A holder on another host is judged by its lease's age alone."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        import psutil
+
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.pid_started) > 1.0  # the pid was reused
+        except psutil.NoSuchProcess:
+            return True
 
 
 def _record(holder: Holder) -> bytes:
@@ -78,9 +95,16 @@ def _record(holder: Holder) -> bytes:
 def _holder_of(data: bytes) -> Holder:
     try:
         d = json.loads(data)
-        return Holder(d["id"], d["host"], int(d["pid"]), d.get("job"), d.get("command", ""), float(d["started_at"]))
+        return Holder(d["id"], d["host"], int(d["pid"]), d.get("job"), d.get("command", ""), float(d["started_at"]),
+                      float(d.get("pid_started", 0.0)))  # fmt: skip
     except (ValueError, KeyError, TypeError):
         return Holder("unreadable", "?", -1, None, "an unreadable lease file", 0.0)
+
+
+def _free(current: tuple[Holder, float], holder: Holder, stale_after_s: float) -> bool:
+    """May `holder` take a lease held by `current` (holder, age)? Its own, a stale one, or one whose process is gone."""
+    other, age = current
+    return other.id == holder.id or age > stale_after_s or other.gone()
 
 
 def _age(seconds: float) -> str:
@@ -123,7 +147,7 @@ class _FileStore:
         """Take the lease; returns the stale holder taken over (and its age), or None. Raises RunDirLeased."""
         with self._locked():
             current = self._read()
-            if current is not None and current[1] <= stale_after_s and current[0].id != holder.id:
+            if current is not None and not _free(current, holder, stale_after_s):
                 raise RunDirLeased(_refusal(current))
             self._write(holder)
             return current if current is not None and current[0].id != holder.id else None
@@ -187,7 +211,7 @@ class _S3Store:
                 return None
             raise RunDirLeased("another driver took this run directory a moment ago; try again")
         other, age, etag = current
-        if age <= stale_after_s:
+        if not _free((other, age), holder, stale_after_s):
             raise RunDirLeased(_refusal((other, age)))
         if not self._put(holder, IfMatch=etag):  # only if nobody renewed or took it since we read it
             now = self._read()
@@ -245,8 +269,8 @@ class RunLease:
         holder = Holder.this_process()
         taken = store.acquire(holder, stale_after_s)
         if taken is not None:
-            log.warning("run directory: took over a stale lease of %s (not renewed for %s; lease.stale_after_s %s s)",
-                        taken[0].describe(), _age(taken[1]), stale_after_s)  # fmt: skip
+            why = "its process is gone" if taken[0].gone() else f"not renewed for {_age(taken[1])}; lease.stale_after_s {stale_after_s:g} s"
+            log.warning("run directory: took over a stale lease of %s (%s)", taken[0].describe(), why)
         lease = cls(store, holder, heartbeat_s)
         lease._thread = threading.Thread(target=lease._beat, name="run-lease", daemon=True)
         lease._thread.start()

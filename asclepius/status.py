@@ -4,8 +4,7 @@ and, given the config you would run, which stages would rerun and why."""
 from __future__ import annotations
 
 from asclepius.run import RunDir
-
-ORDER = ["notes", "synthesize", "split", "questions", "answers", "eval_questions", "pretrain", "finetune", "serve", "evaluate"]
+from asclepius.stages import STAGE_ORDER as ORDER
 
 
 def _rows_in_out(name: str, e: dict) -> tuple[str, str]:
@@ -50,7 +49,12 @@ def status_rows(run: RunDir, cfg=None) -> list[dict]:
     return rows
 
 
-def status_table(rows: list[dict], run_dir: str) -> str:
+def published_outputs(run: RunDir) -> list[str]:
+    """Where each output's published version is (what readers, Serve and the console use)."""
+    return [f"  {name}/ → {run.output_uri(name)}" for name in sorted(run.versions())]
+
+
+def status_table(rows: list[dict], run_dir: str, published: list[str] | None = None) -> str:
     header = f"{'stage':<16}{'state':<11}{'in':>12}{'out':>12}{'time':>9}{'cost':>10}  why it would rerun"
     lines = [f"run {run_dir}", header, "-" * (len(header) + 10)]
     for r in rows:
@@ -58,4 +62,6 @@ def status_table(rows: list[dict], run_dir: str) -> str:
         lines.append(f"{r['stage']:<16}{r['state']:<11}{r['rows_in']:>12}{r['rows_out']:>12}{seconds:>9}{'$' + format(r['cost_usd'], ',.4f'):>10}  {r['why']}")
     total = sum(r["cost_usd"] for r in rows)
     lines.append(f"{'':<61}{'$' + format(total, ',.4f'):>10}")
+    if published:
+        lines += ["published outputs:", *published]
     return "\n".join(lines)

@@ -90,5 +90,30 @@ def test_teacher_stage_and_training_metrics_are_scraped(ray_local, tmp_path):
     time.sleep(12)
     again = scrape_metrics(["ray_asclepius_train_loss"], timeout_s=5)
     assert values(again["ray_asclepius_train_loss"], stage="probe-finetune") == [1.25]
+    # the Grafana dashboard's panels query exactly the series names Ray exported here (asclepius.dashboard)
+    from asclepius.dashboard import series_name
+
+    for metric in ("asclepius_teacher_requests", "asclepius_teacher_rate_limited", "asclepius_teacher_retries", "asclepius_teacher_tokens",
+                   "asclepius_teacher_spend_usd", "asclepius_stage_rows", "asclepius_train_loss", "asclepius_train_mfu",
+                   "asclepius_train_tokens_per_second"):  # fmt: skip
+        assert found[series_name(metric)], metric
     # labels name stages and outcomes, never a prompt
     assert not any(re.search(r"question \d", line) for lines in found.values() for line in lines)
+
+
+def test_the_grafana_dashboard_shows_every_series_we_export_and_nothing_else():
+    import json
+    from pathlib import Path
+
+    from asclepius.dashboard import dashboard, series_name
+    from asclepius.metrics import DEFINITIONS
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "asclepius.json").read_text())
+    assert committed == dashboard(), "deploy/grafana/asclepius.json is stale: python -m asclepius.dashboard > deploy/grafana/asclepius.json"
+    exprs = [t["expr"] for p in committed["panels"] for t in p.get("targets", [])]
+    used = {name for e in exprs for name in re.findall(r"\bray_asclepius_\w+", e)}
+    assert used == {series_name(m) for m in DEFINITIONS}  # every exported series has a panel; no panel queries a name we do not export
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in committed["panels"] if p["type"] != "row")
+    assert {p["title"] for p in committed["panels"] if p["type"] == "row"} == {"Teacher", "Stages", "Training", "Serving"}
+    grid = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in committed["panels"]]
+    assert len(grid) == len(set(grid))  # importable as laid out: no two panels on one spot

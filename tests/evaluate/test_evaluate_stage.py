@@ -12,6 +12,7 @@ from asclepius.pipeline import run_pipeline
 from asclepius.run import RunDir, run_stage
 from asclepius.teacher.client import PrivacyError
 from asclepius.testing.server_process import openai_test_server
+from asclepius.testing import published
 
 pytestmark = pytest.mark.ray
 
@@ -71,17 +72,17 @@ def test_evaluate_scores_reasks_and_reports(ray_local, tmp_path):
         assert entry["counts"]["unscored"] == 2 and models["goodbot"]["scored_items"] == 4 and entry["items"] == 5
         assert entry["position_bias"]["share"] == 0.0
 
-        scores = pd.read_parquet(tmp_path / "run" / "eval" / "scores.parquet")
+        scores = pd.read_parquet(published(tmp_path / "run", "eval", "scores.parquet"))
         assert set(scores.columns) >= {"item_id", "task", "model", "order", "score", "judge_request_key"}
         judged = scores[scores.order.isin(["forward", "reversed"])]
         assert (judged.groupby(["item_id", "order"]).agent.apply(lambda a: sorted(a) == list("ABCD"[: len(a)]))).all()
         assert (scores[scores.order == "no answer"].model.value_counts().to_dict()) == {"chatbot": 1, "answerbot": 1}
-        report = (tmp_path / "run" / "eval" / "report.md").read_text()
+        report = published(tmp_path / "run", "eval", "report.md").read_text()
         assert "| goodbot | 4.00 | [4.00, 4.00] | 4 / 5 |" in report and "| badbot | 1.00 |" in report
         assert "judge-model" in report and "not a GPT-4-class model" in report
         for png in ("per_task.png", "scores.png"):
-            assert (tmp_path / "run" / "eval" / png).stat().st_size > 5000
-        summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+            assert published(tmp_path / "run", "eval", png).stat().st_size > 5000
+        summary = json.loads(published(tmp_path / "run", "eval", "summary.json").read_text())
         assert summary["models"]["goodbot"]["mean"] == 4.0 and summary["decontamination"]["clean"]
         # the answers' API: chat for chatbot, /v1/answer for answerbot (the recipe's prompt applied by the server)
         paths = {r["model"]: r["path"] for r in server.stats()["requests"]}

@@ -11,6 +11,7 @@ from asclepius.generate.importing import STAGE as IMPORT
 from asclepius.generate.split import STAGE as SPLIT
 from asclepius.notes.readers import read_source_locally
 from asclepius.run import RunDir, run_stage
+from asclepius.testing import published
 
 
 def run_with_notes(tmp_path, **extra):
@@ -41,7 +42,7 @@ def test_asclepius_r_joined_with_noteevents_by_row_id(tmp_path):
     assert ins.note.iloc[0].startswith("Admission Date:   2150-3-9") and "[**" not in ins.note.iloc[0]  # de-id tags as the notes stage
     assert list(ins.task) == ["Question Answering", "Named Entity Recognition", "Summarization"]
     assert entry["counts"] == {"read": 5, "dropped:no_note_for_row_id": 2, "kept": 3}  # counted, not silently lost
-    assert json.loads((tmp_path / "run" / "export" / "instructions.json").read_text())[1]["answer"] == "LIMA-LAD, SVG-OM, SVG-PDA."
+    assert json.loads(published(tmp_path / "run", "export", "instructions.json").read_text())[1]["answer"] == "LIMA-LAD, SVG-OM, SVG-PDA."
 
 
 def test_public_synthetic_set(tmp_path):
@@ -70,8 +71,8 @@ def test_missing_columns_are_named(tmp_path):
 
 def test_decontamination_catches_ids_and_texts(tmp_path):
     cfg, run = run_with_notes(tmp_path)
-    (tmp_path / "run" / "eval_notes" / "eval_notes.parquet").unlink()
-    pd.DataFrame({"note_id": ["e1"], "source": ["mimic3"], "text": ["held out"], "text_sha1": ["abc"], "credentialed": [True]}).to_parquet(tmp_path / "run" / "eval_notes" / "e.parquet")
+    published(tmp_path / "run", "eval_notes", "eval_notes.parquet").unlink()
+    pd.DataFrame({"note_id": ["e1"], "source": ["mimic3"], "text": ["held out"], "text_sha1": ["abc"], "credentialed": [True]}).to_parquet(published(tmp_path / "run", "eval_notes", "e.parquet"))
     clean = pd.DataFrame({"note_id": ["n1"], "note_sha1": ["def"]})
     assert check_decontamination(run, clean)["clean"]
     with pytest.raises(ContaminationError, match="1 held-out note ids"):

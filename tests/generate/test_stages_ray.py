@@ -19,6 +19,7 @@ from asclepius.run import RunDir
 from asclepius.teacher.ledger import scan_ledger
 from asclepius.testing.s3 import s3_env, s3_test_server
 from asclepius.testing.server_process import openai_test_server
+from asclepius.testing import published
 
 pytestmark = pytest.mark.ray
 
@@ -80,7 +81,7 @@ def test_three_stages_end_to_end(ray_local, tmp_path):
         assert list(ins.columns[:6]) == ["note", "question", "answer", "task", "note_id", "source"]
         assert len(ins) == results["answers"]["counts"]["kept"] == qc["kept"]
         assert results["answers"]["decontamination"]["clean"] and results["answers"]["decontamination"]["eval_notes"] == len(evals)
-        recipe_json = json.loads((run / "export" / "instructions.json").read_text())
+        recipe_json = json.loads(published(run, "export", "instructions.json").read_text())
         assert recipe_json == ins[["note", "question", "answer"]].to_dict(orient="records")
 
         for stage, n in (("synthesize", 3), ("questions", asked), ("answers", len(ins))):
@@ -187,7 +188,7 @@ def test_changes_rerun_exactly_the_stages_they_affect(ray_local, tmp_path):
             assert stat.S_IMODE(journal.stat().st_mode) == 0o600
 
         # a corrupt table stops the next stage, naming the file, instead of reading as "0 notes"
-        notes_file = sorted((tmp_path / "run" / "notes").glob("*.parquet"))[0]
+        notes_file = sorted(published(tmp_path / "run", "notes").glob("*.parquet"))[0]
         notes_file.write_bytes(notes_file.read_bytes()[:100])
         with pytest.raises(StageInputError, match=notes_file.name):
             run_pipeline(config_from_dict(data, ["split.eval_fraction=0.3"]), stages=["split"])

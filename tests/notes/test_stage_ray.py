@@ -11,6 +11,7 @@ from asclepius.config import config_from_dict
 from asclepius.notes.readers import NotesInputError
 from asclepius.notes.stage import read_notes, run_notes_stage
 from asclepius.run import RunDir
+from asclepius.testing import published
 
 pytestmark = pytest.mark.ray
 
@@ -69,7 +70,7 @@ def test_notes_stage_end_to_end(ray_local, tmp_path, caplog):
     assert not (tmp_path / "run" / "notes" / "_tasks").exists()
     # placeholder labels come from the notes: in the private run directory, never in the manifest or a log
     assert manifest["stages"]["notes"]["deid"]["unknown_types"] == 1
-    assert json.loads((tmp_path / "run" / "notes" / "_deid_unknown_types.json").read_text())
+    assert json.loads(published(tmp_path / "run", "notes", "_deid_unknown_types.json").read_text())
     assert "Ward Secretary" not in json.dumps(manifest) and "Ward Secretary" not in caplog.text
 
     # no note text in any log line
@@ -81,7 +82,7 @@ def test_notes_stage_end_to_end(ray_local, tmp_path, caplog):
     entry2 = run_notes_stage(cfg2, run)
     assert "skipped" not in entry2 and entry2["sources"]["3:adversarial"]["kept"] == 0
     assert len(read_notes(run)) == 20
-    files = list((tmp_path / "run" / "notes").glob("*.parquet"))
+    files = list(published(tmp_path / "run", "notes").glob("*.parquet"))
     assert sum(pq.read_metadata(f).num_rows for f in files) == 20
 
 

@@ -184,7 +184,7 @@ def test_serving_metrics_reach_the_prometheus_export(urls):
     from asclepius.testing.prometheus import scrape_metrics, values
 
     client(urls["open"]).chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-    found = scrape_metrics(["ray_asclepius_serve_request_seconds_count", "ray_asclepius_serve_generations"],
+    found = scrape_metrics(["ray_asclepius_serve_request_seconds_count", "ray_asclepius_serve_request_seconds_bucket", "ray_asclepius_serve_generations"],
                            until=lambda f: sum(values(f["ray_asclepius_serve_request_seconds_count"], route="/v1/chat/completions", status="2xx")) >= 1
                            and values(f["ray_asclepius_serve_generations"], model="tiny-a", state="running"))  # fmt: skip
     # latency by route template and status class, as the ingress saw it
@@ -192,3 +192,7 @@ def test_serving_metrics_reach_the_prometheus_export(urls):
     # each replica's queue: generations running and waiting
     assert values(found["ray_asclepius_serve_generations"], model="tiny-a", state="waiting")
     assert values(found["ray_asclepius_serve_generations"], model="tiny-a", state="running")
+    # the Grafana dashboard's serving panels query exactly these series (asclepius.dashboard)
+    from asclepius.dashboard import series_name
+
+    assert found[series_name("asclepius_serve_request_seconds")] and found[series_name("asclepius_serve_generations")]

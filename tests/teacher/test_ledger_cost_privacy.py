@@ -69,6 +69,40 @@ def test_prices_and_estimate():
     check_budget(est, budget_usd=0.01)
     with pytest.raises(BudgetExceeded, match="over the budget"):
         check_budget(est, budget_usd=0.003)
+    # what a lost node would send (and the provider bill) again counts too: the in-flight requests' price
+    check_budget(est, budget_usd=0.0033, already_spent_usd=0.0001)
+    with pytest.raises(BudgetExceeded, match=r"\+ \$0\.00 for the requests in flight, which a lost node would send again"):
+        check_budget(est, budget_usd=0.0033, already_spent_usd=0.0001, in_flight_reserve_usd=0.0016)
+
+
+@pytest.mark.ray
+def test_the_budget_counts_what_the_ledger_paid_and_the_requests_in_flight(ray_local, tmp_path):
+    import ray
+
+    from asclepius.config import TeacherConfig
+    from asclepius.teacher.ledger import Ledger
+    from asclepius.teacher.ray_data import _request, key_identity, plan_requests
+
+    cfg = TeacherConfig(provider="openai", model="gpt-4o", num_actors=2, concurrency_per_actor=4, token_counter="bytes",
+                        budget_usd=0.2, limiter_name=f"budget-{tmp_path.name}")  # fmt: skip
+    import json
+
+    rows = [{"messages": json.dumps([{"role": "user", "content": f"{i:04d}" + "x" * 3996}]), "max_tokens": 1000} for i in range(10)]
+    per_request = (1000 + 6) * 2.5e-6 + 1000 * 10e-6  # gpt-4o's prices, bytes/4 token counts (+ message overhead)
+    # 10 × $0.0125 = $0.13 fits $0.20 — but 8 of them may be in flight at once, and a lost node sends those again
+    with pytest.raises(BudgetExceeded, match=r"up to \$0\.13 \(\+ \$0\.00 already spent, \+ \$0\.10 for the requests in flight"):
+        plan_requests(ray.data.from_items(rows), cfg, "budget", str(tmp_path / "ledger"))
+    # half of them already answered (and paid, $0.05 each): not sent again, but counted as spent
+    ledger = Ledger(str(tmp_path / "ledger"))
+    for row in rows[:5]:
+        ledger.append({"key": _request(row, "budget", {}).key(key_identity(cfg), cfg.model), "status": "ok", "cost_usd": 0.05})
+    ledger.close()
+    cfg.budget_usd = 0.3
+    with pytest.raises(BudgetExceeded, match=r"up to \$0\.06 \(\+ \$0\.25 already spent, \+ \$0\.06 for the requests in flight"):
+        plan_requests(ray.data.from_items(rows), cfg, "budget", str(tmp_path / "ledger"))
+    cfg.budget_usd = 0.4
+    plan = plan_requests(ray.data.from_items(rows), cfg, "budget", str(tmp_path / "ledger"))
+    assert plan.already_done == 5 and plan.estimate.requests == 5 and plan.estimate.usd_max == pytest.approx(5 * per_request, rel=0.01)
 
 
 def test_token_counting():

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from asclepius.config import config_from_dict
 from asclepius.run import RunDir, run_stage
 from asclepius.train.ray_train import FINETUNE_STAGE, PRETRAIN_STAGE
+from asclepius.testing import published
 
 pytestmark = pytest.mark.ray
 
@@ -58,11 +59,11 @@ def test_finetune_zero2_two_workers_loss_goes_down_and_exports(ray_local, tmp_pa
     assert entry["final_step"] == 12 and entry["workers"] == 2 and entry["accumulation"] == 1
     assert entry["final_loss"] < 0.7 * entry["first_loss"]
     assert entry["data"]["padding_fraction"] < 0.5 and entry["mfu"] == "n/a"
-    history = [json.loads(line) for line in open(tmp_path / "run" / "checkpoints" / "finetune" / "metrics.jsonl")]
+    history = [json.loads(line) for line in open(published(tmp_path / "run", "checkpoints/finetune", "metrics.jsonl"))]
     assert [h["step"] for h in history] == list(range(1, 13)) and all(h["tokens_per_s"] > 0 for h in history)
-    assert os.path.getsize(tmp_path / "run" / "checkpoints" / "finetune" / "loss.png") > 1000
-    model = loads_and_generates(tmp_path / "run" / "checkpoints" / "finetune" / "final")
-    assert os.path.exists(tmp_path / "run" / "checkpoints" / "finetune" / "final" / "model.safetensors")
+    assert os.path.getsize(published(tmp_path / "run", "checkpoints/finetune", "loss.png")) > 1000
+    model = loads_and_generates(published(tmp_path / "run", "checkpoints/finetune", "final"))
+    assert os.path.exists(published(tmp_path / "run", "checkpoints/finetune", "final", "model.safetensors"))
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -74,7 +75,7 @@ def test_a_changed_config_or_force_trains_the_full_schedule_again(ray_local, tmp
     changed = config_from_dict(data, ["finetune.lr=1e-3"])
     second = run_stage(FINETUNE_STAGE, changed, run)
     assert (second["final_step"], second["resumed_from"]) == (3, 0) and second["ray_train_run"] != first["ray_train_run"]
-    history = [json.loads(line) for line in open(tmp_path / "run" / "checkpoints" / "finetune" / "metrics.jsonl")]
+    history = [json.loads(line) for line in open(published(tmp_path / "run", "checkpoints/finetune", "metrics.jsonl"))]
     assert [h["step"] for h in history] == [1, 2, 3] and all(h["lr"] == 1e-3 for h in history)  # no mix of the two runs
     assert run_stage(FINETUNE_STAGE, changed, run)["skipped"]
     forced = run_stage(FINETUNE_STAGE, changed, run, force=True)
@@ -86,7 +87,7 @@ def test_pretrain_zero3_two_workers(ray_local, tmp_path):
     entry = run_stage(PRETRAIN_STAGE, cfg, run)
     assert entry["final_step"] == 6 and entry["zero_stage"] == 3 and entry["data"]["blocks"] >= 12
     assert entry["final_loss"] < entry["first_loss"]
-    loads_and_generates(tmp_path / "run" / "checkpoints" / "pretrain" / "final")  # ZeRO-3 shards gathered for export
+    loads_and_generates(published(tmp_path / "run", "checkpoints/pretrain", "final"))  # ZeRO-3 shards gathered for export
 
 
 def test_kill_after_a_checkpoint_then_resume_to_the_same_final_step(tmp_path):
