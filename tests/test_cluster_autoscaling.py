@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["notes", "synthesize", "split", "questions", "answers", "pretrain", "finetune"]
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # Ray's fake_multinode provider names its head so
 IDLE_TIMEOUT_S = 15
+RESOURCE_REQUEST_EXPIRY_S = 180
 
 
 def job(run_dir: Path, server_url: str, key_file: Path, *extra: str) -> list[str]:
@@ -66,9 +67,14 @@ def test_pipeline_job_on_a_cluster_that_scales_from_zero(tmp_path):
         placed = [a for a in cluster.actors() if "TeacherUDF" in a["class_name"] or "TrainWorker" in a["class_name"]]
         assert any("TeacherUDF" in a["class_name"] for a in placed) and any("TrainWorker" in a["class_name"] for a in placed), placed
         assert all(a["node_id"] in workers for a in placed), (workers, placed)
+        # the detached rate limiter lives on the head, never on a worker node it would keep from scaling down
+        limiters = [a for a in cluster.actors() if "RateLimiterActor" in a["class_name"]]
+        assert limiters and all(a["node_id"] == FAKE_HEAD_NODE_ID for a in limiters), limiters
 
-        # and once idle, the nodes went away again: back to the head alone
-        deadline = time.time() + IDLE_TIMEOUT_S + 150
+        # and once idle, the nodes went away again: back to the head alone — after the idle timeout, and at most after Ray
+        # Train's and Ray Data's resource requests expire (180 s, ray.train.v2 AUTOSCALING_REQUESTS_EXPIRE_TIME_S) when
+        # one was left uncancelled at the end of a stage
+        deadline = time.time() + IDLE_TIMEOUT_S + RESOURCE_REQUEST_EXPIRY_S + 60
         while any(n["alive"] for n in cluster.nodes() if n["id"] != FAKE_HEAD_NODE_ID):
             assert time.time() < deadline, (cluster.nodes(), cluster.status()[-3000:])
             time.sleep(3)

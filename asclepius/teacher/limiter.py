@@ -373,11 +373,14 @@ class RateLimiterActor:
 
 
 def head_node_strategy():
-    """Schedule on the head node: it is never scaled away (workers of an autoscaling cluster are)."""
+    """Schedule on the head node: it is never scaled away (workers of an autoscaling cluster are), and a detached
+    actor on a worker node would keep that node from ever scaling down. Hard affinity: with soft affinity Ray placed
+    the limiter on a worker node as soon as one existed (seen on a cluster scaling from zero, head CPU 0), which then
+    stayed up, idle, for good. The limiter needs no CPU, so the head (CPU 0) takes it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})), None)
-    return NodeAffinitySchedulingStrategy(node_id=head, soft=True) if head else "DEFAULT"
+    return NodeAffinitySchedulingStrategy(node_id=head, soft=False) if head else "DEFAULT"
 
 
 def limiter_actor(name: str, requests_per_minute: float, tokens_per_minute: float, safety: float,
