@@ -461,8 +461,12 @@ class TrainHyperparams(StrictModel):
         "0.001} for the accelerator Ray detected.",
     )
     packing: Literal["packed", "pad_to_longest"] = Field("packed", description="Instruction data only.")
-    packed_attention: Literal["mask", "position_ids"] = Field(
-        "mask", description="mask: block-diagonal 4-D mask (CPU/SDPA); position_ids: flash-attention varlen."
+    packed_attention: Literal["auto", "varlen", "flex", "mask"] = Field(
+        "auto", description="How packed examples are kept apart in attention. auto: varlen on GPU workers that have "
+        "flash-attn, else flex on GPUs, mask on CPU. varlen: flash-attention 2's varlen kernel, example boundaries given "
+        "as cu_seq_lens (GPU + flash-attn). flex: PyTorch flex_attention with a block-causal BlockMask (GPU; it has no "
+        "backward on CPU). mask: a dense (L×L) block-diagonal mask through SDPA (CPU fallback: it rules out SDPA's flash "
+        "kernel and computes the full L² scores). varlen and flex take one row of micro_batch × max_len tokens.",
     )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (demo, tests).")
     checkpoint_every_steps: int = Field(200, ge=0, description="Optimizer steps between checkpoints, so a restart "
@@ -470,6 +474,13 @@ class TrainHyperparams(StrictModel):
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Ray Train restarts from the latest checkpoint this often.")
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_attention_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("packed_attention") == "position_ids":  # its name before varlen had cu_seq_lens
+            data = {**data, "packed_attention": "varlen"}
+        return data
 
 
 def _recipe_train_defaults(stage: str) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The prepared script for the first machine with a GPU (the `device` tool), whatever the issue at hand:
 #   bash benchmarks/device_wheels.sh                      # here, once: the wheels the GPU image lacks, into .whl/
+#   .venv/bin/python benchmarks/device_run.py --cpu-dry-run   # here: every step on tiny (make test does it too)
 #   device run (carry: [".whl"], timeout_s: 540):  bash benchmarks/device_check.sh
-# It records, without Ray: the training loop's GPU proof and MFU (gpu_smoke.py, train_mfu.py) and a GPU serving row
-# (serve_throughput.py --engine-only). Rows go to benchmarks/BENCHMARKS.md, copied with the logs to $OUT.
+# benchmarks/device_run.py records every GPU figure (attention paths at 1B and 7B shape, the project's loop with
+# DeepSpeed ZeRO-2, the serving engine against HF generate) into $OUT/device.json and rows of BENCHMARKS.md,
+# copied to $OUT. Each step runs in its own process with its own limit: one failure does not cost the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-out}
@@ -14,12 +16,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import deepspeed, torch, transformers; print('deepspeed', deepspeed.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-status=0
-timeout 300 python3 benchmarks/gpu_smoke.py --out "$OUT" 2>&1 | tee "$OUT/gpu_smoke.log" || status=1
-timeout 150 python3 benchmarks/train_mfu.py --size 1b --steps 12 2>&1 | tail -5 | tee "$OUT/train_mfu.log" || status=1
-if python3 benchmarks/serve_throughput.py --help 2>/dev/null | grep -q -- --engine-only; then
-    timeout 90 python3 benchmarks/serve_throughput.py --engine-only --device cuda 2>&1 | tail -8 | tee "$OUT/serve.log" || status=1
-fi
+python3 benchmarks/device_run.py --out "$OUT" 2>&1 | tee "$OUT/device_run.log"
+status=${PIPESTATUS[0]}
 cp benchmarks/BENCHMARKS.md "$OUT/"
-exit $status
+exit "$status"

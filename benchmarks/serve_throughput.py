@@ -121,7 +121,8 @@ def engine_only(args) -> tuple[dict, dict, str]:
         return 200, n
 
     ours("warm up", 4, lambda n: None), naive("warm up", 4, lambda n: None)
-    result = drive(ours, args.clients, args.seconds), drive(naive, args.clients, args.seconds)
+    warmup = getattr(args, "warmup", 5.0)
+    result = drive(ours, args.clients, args.seconds, warmup), drive(naive, args.clients, args.seconds, warmup)
     engine.stop()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU"
     return result[0], result[1], device

@@ -484,3 +484,33 @@ def test_an_unknown_autoscaler_warns_and_goes_on_a_declared_one_refuses(ray_loca
     declared.ray.node_types = {}  # a cluster that adds no nodes: what it has is all
     with pytest.raises(ClusterTooSmall, match=r"(?s)room for 0.*node types from ray\.node_types"):
         check_fits(declared, ["finetune"])
+
+
+PARAMS = {"asclepius-7b": 6.74e9, "asclepius-r-7b": 6.74e9, "asclepius-r-13b": 13.0e9}
+
+
+def test_the_readmes_checkpoint_costs_are_the_presets():
+    """Size, upload time and interval per preset and stage, as the presets set them and checkpoint_cost computes."""
+    from asclepius.train.settings import checkpoint_cost
+
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\s*\| (`asclepius[^|]+) \| (pretrain|finetune) \| (\d) \| (\d+) GB \| (\d+) s \| (\d+) steps \|", readme, re.M)
+    seen = set()
+    for names, stage, zero, size_gb, upload_s, every in rows:
+        for name in re.findall(r"`([^`]+)`", names):
+            hp = getattr(load_config(ROOT / "configs" / f"{name}.yaml"), stage)
+            size, seconds = checkpoint_cost(PARAMS[name], hp.zero_stage, nodes=1, gbit_per_s_per_node=10)
+            assert (int(zero), int(size_gb), int(upload_s), int(every)) == (hp.zero_stage, round(size), round(seconds), hp.checkpoint_every_steps)
+            seen.add((name, stage))
+    assert seen == {(name, stage) for name in PARAMS for stage in ("pretrain", "finetune")}
+
+
+def test_the_image_pins_flash_attn_so_the_gpu_presets_finetune_on_varlen():
+    from asclepius.train.settings import attention_for
+
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert re.search(r'pip install [^\n]*"flash-attn==\d+\.\d+\.\d+"', dockerfile)
+    for name in PRESETS:
+        hp = load_config(ROOT / "configs" / f"{name}.yaml").finetune
+        assert attention_for(hp, "finetune", hp.use_gpu, has_flash_attn=True)[0] == "varlen"
+        assert attention_for(hp, "finetune", hp.use_gpu, has_flash_attn=False)[0] == "flex"  # never the dense mask on GPUs

@@ -21,6 +21,7 @@ strings, guided choice or prompt log-probabilities, which the OpenAI API and lm-
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -230,6 +231,10 @@ class _Batch:
         self.mask = self.mask[:, first:]
 
 
+def _cache_of(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_context: int | None = None, max_batch_size: int = 16, max_batch_tokens: int = 32768,
                  max_waiting: int = 64):  # fmt: skip
@@ -252,6 +257,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.step_seconds: deque[float] = deque(maxlen=200)
+        # transformers renamed the KV cache argument and output from past_key_values to cache (5.2x); take either
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # ------------------------------------------------------------------------------------------- submitting
     def load(self) -> tuple[int, int]:
@@ -379,14 +386,14 @@ class Engine:
         positions = torch.tensor([r.position for r in b.rows], device=self.device)[:, None]
         b.mask = torch.cat([b.mask, torch.ones((len(b.rows), 1), dtype=b.mask.dtype, device=b.mask.device)], dim=1)
         try:
-            out = self.model(input_ids=ids, attention_mask=b.mask, position_ids=positions, cache=b.cache, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=b.mask, position_ids=positions, use_cache=True, **{self._cache_arg: b.cache})
         except Exception as err:  # the shared forward: every request in it fails, the engine goes on
             log.exception("decoding step of %d requests failed", len(b.rows))
             for r in b.rows:
                 r.fail(f"{type(err).__name__} in the batch's forward pass")
             b.keep([])
             return
-        b.cache = out.cache
+        b.cache = _cache_of(out)
         for i, r in enumerate(b.rows):
             r.logits = out.logits[i, -1, :].float()
             r.position += 1
@@ -444,4 +451,4 @@ class Engine:
             ]
         for i, r in enumerate(rows):
             r.logits = out.logits[i, -1, :].float()
-        self.batch.merge(rows, out.cache, mask)
+        self.batch.merge(rows, _cache_of(out), mask)

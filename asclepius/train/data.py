@@ -247,8 +247,11 @@ def epoch_rows(n_blocks: int, seed: int, epoch: int, rank: int, world: int, coun
     return perm[rank::world][:count]
 
 
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Stored blocks (input_ids, loss_mask, segment_ids) → tensors, padded to the longest row of the micro-batch."""
+def collate(rows: list[dict]) -> dict[str, torch.Tensor | int]:
+    """Stored blocks (input_ids, loss_mask, segment_ids) → tensors, padded to the longest row of the micro-batch.
+    Also the varlen layout, once per batch rather than in every layer: `cu_seq_lens` (int32 offsets of every segment
+    — each example, and a row's padding as one more — in the flattened batch) and `max_length` (a Python int, so
+    flash-attention never reads it back from the GPU)."""
     length = max(len(r["input_ids"]) for r in rows)
     out = {k: np.zeros((len(rows), length), dtype=np.int64) for k in ("input_ids", "labels", "position_ids", "segment_ids")}
     out["labels"][:] = IGNORE
@@ -261,29 +264,57 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         index = np.arange(n)
         starts = np.maximum.accumulate(np.where(np.r_[True, seg[1:] != seg[:-1]], index, 0))
         out["position_ids"][i, :n] = index - starts  # restart at each example
-    return {k: torch.from_numpy(v) for k, v in out.items()}
+        out["position_ids"][i, n:] = np.arange(length - n)  # a short row's tail pads as one more segment
+    batch: dict = {k: torch.from_numpy(v) for k, v in out.items()}
+    starts = np.flatnonzero(out["position_ids"].reshape(-1) == 0)  # every segment starts at position 0
+    cu = np.append(starts, out["position_ids"].size).astype(np.int32)
+    batch["cu_seq_lens"] = torch.from_numpy(cu)
+    batch["max_length"] = int(np.diff(cu).max())
+    return batch
 
 
 def block_diagonal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, 1, L, L) additive mask: a token attends to earlier tokens of its own example only. Padding rows
-    attend to themselves so no row is fully masked (their labels are ignored anyway)."""
+    """(batch, 1, L, L) additive mask: a token attends to earlier tokens of its own example only (a row's padding
+    is one segment, attending to itself, so no row is fully masked; its labels are ignored anyway)."""
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.tril(torch.ones(segment_ids.shape[1], segment_ids.shape[1], dtype=torch.bool, device=segment_ids.device))
     allowed = same & causal[None]
-    allowed |= torch.eye(segment_ids.shape[1], dtype=torch.bool, device=segment_ids.device)[None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
 
-def model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype, packed_attention: str = "mask") -> dict:
-    """Forward arguments for a batch of blocks.
+def block_causal_block_mask(segment_ids: torch.Tensor):
+    """The same rule as `block_diagonal_mask` as a flex_attention BlockMask: built once per batch, stored per
+    128×128 tile, and tiles where no token may attend are never computed (cross-example tiles, the upper triangle)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segment_ids
+
+    def same_example_causal(b, h, q, kv):
+        return (seg[b, q] == seg[b, kv]) & (q >= kv)
+
+    batch, length = seg.shape
+    return create_block_mask(same_example_causal, batch, None, length, length, device=seg.device)
+
+
+def model_inputs(batch: dict, dtype: torch.dtype, packed_attention: str = "mask") -> dict:
+    """Forward arguments for a batch of blocks, by attention path (ATTENTION_IMPLEMENTATION):
     `causal`: one sequence per row (pretraining): no mask at all, so SDPA takes its causal flash kernel.
-    `mask`: a 4-D block-diagonal mask (CPU, SDPA, eager) for packed examples.
-    `position_ids`: flash-attention 2 derives the example boundaries from the restarting position ids."""
+    `mask`: a dense 4-D block-diagonal mask (the CPU fallback: SDPA computes all L² scores).
+    `flex`: a block-causal BlockMask for flex_attention.
+    `varlen`: flash-attention 2's varlen kernel with the boundaries collate computed (transformers takes
+    cu_seq_lens_q/k and max_length_q/k as given instead of re-deriving them from position_ids in every layer)."""
     inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"]}
     if packed_attention == "mask":
         inputs["attention_mask"] = block_diagonal_mask(batch["segment_ids"], dtype)
+    elif packed_attention == "flex":
+        inputs["attention_mask"] = block_causal_block_mask(batch["segment_ids"])
+    elif packed_attention == "varlen":
+        cu, longest = batch["cu_seq_lens"], batch["max_length"]
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    elif packed_attention != "causal":
+        raise ValueError(f"unknown attention path {packed_attention!r}")
     return inputs
 
 

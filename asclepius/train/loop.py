@@ -33,13 +33,21 @@ class TrainContext:
     checkpoint_root: str | None = None  # local runs: where checkpoints go
     history: list[dict] = field(default_factory=list)
 
+    @property
+    def keeps_checkpoints(self) -> bool:
+        """Whether a checkpoint has anywhere to go: a local run without a root (a benchmark) saves none."""
+        return self.checkpoint_root is not None
+
     def report(self, metrics: dict, checkpoint_dir: str | None = None, step: int = 0) -> None:
+        """`checkpoint_dir` is handed over: the context deletes it once it is kept (under Ray Train, after the
+        background upload), so training goes on while a checkpoint is copied."""
         self.history.append(metrics)
-        if checkpoint_dir and self.checkpoint_root:
+        if checkpoint_dir:
             import shutil
 
-            target = os.path.join(self.checkpoint_root, f"step-{step:06d}")
-            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+            if self.checkpoint_root:
+                shutil.copytree(checkpoint_dir, os.path.join(self.checkpoint_root, f"step-{step:06d}"), dirs_exist_ok=True)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     def latest_checkpoint(self):
         """A context manager yielding the latest checkpoint directory, or None."""
@@ -49,6 +57,48 @@ class TrainContext:
             return contextlib.nullcontext(None)
         steps = sorted(d for d in os.listdir(self.checkpoint_root) if d.startswith("step-"))
         return contextlib.nullcontext(os.path.join(self.checkpoint_root, steps[-1]) if steps else None)
+
+
+class CheckpointIncomplete(RuntimeError):
+    """A checkpoint to resume from lacks a file: training would go on with base weights or a fresh optimizer."""
+
+
+CHECKPOINT_TAG = "state"
+
+
+def missing_checkpoint_files(ckpt: str, world_size: int, zero_stage: int) -> list[str]:
+    """What a resume needs and `ckpt` lacks: our step file and, for every data-parallel rank, DeepSpeed's optimizer
+    shard (ZeRO-2: one model-state file; ZeRO-3: one per rank too). DeepSpeed itself only warns when one is missing
+    and `load_checkpoint` returns (None, None) or skips the optimizer (deepspeed/runtime/engine.py)."""
+    present = set(os.listdir(os.path.join(ckpt, CHECKPOINT_TAG))) if os.path.isdir(os.path.join(ckpt, CHECKPOINT_TAG)) else set()
+    missing = [] if os.path.isfile(os.path.join(ckpt, STATE_FILE)) else [STATE_FILE]
+    if zero_stage != 3 and "mp_rank_00_model_states.pt" not in present:
+        missing.append(f"{CHECKPOINT_TAG}/mp_rank_00_model_states.pt")
+    for r in range(world_size):
+        if zero_stage == 3 and f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" not in present:
+            missing.append(f"{CHECKPOINT_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        optim = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        if optim not in present and f"bf16_{optim}" not in present:  # the bf16_ prefix when bf16 is on
+            missing.append(f"{CHECKPOINT_TAG}/{optim}")
+    return missing
+
+
+def resume(engine, ckpt: str, world_size: int, zero_stage: int) -> int:
+    """Load `ckpt` into the engine and return the step it was taken at, or stop with what is missing."""
+    missing = missing_checkpoint_files(ckpt, world_size, zero_stage)
+    if missing:
+        raise CheckpointIncomplete(f"cannot resume from {ckpt}: it lacks {', '.join(missing)} (a copy cut off, or a file "
+                                   f"deleted); training from it would go on with base weights or a fresh optimizer. "
+                                   f"Delete this checkpoint to resume from an earlier one, or rerun the stage with --force")  # fmt: skip
+    with open(os.path.join(ckpt, STATE_FILE)) as f:
+        state = json.load(f)
+    if state.get("world_size", world_size) != world_size:
+        raise CheckpointIncomplete(f"cannot resume from {ckpt}: it was written by {state['world_size']} workers and this run has "
+                                   f"{world_size}; DeepSpeed's optimizer shards are per worker")  # fmt: skip
+    load_path, _ = engine.load_checkpoint(ckpt, tag=CHECKPOINT_TAG)
+    if load_path is None:
+        raise CheckpointIncomplete(f"cannot resume from {ckpt}: DeepSpeed found no loadable checkpoint there (see its warning above)")
+    return int(state["step"])
 
 
 @dataclass
@@ -133,9 +183,7 @@ def train(
     start_step = 0
     with ctx.latest_checkpoint() as ckpt:
         if ckpt:
-            engine.load_checkpoint(ckpt, tag="state")
-            with open(os.path.join(ckpt, STATE_FILE)) as f:
-                start_step = json.load(f)["step"]
+            start_step = resume(engine, ckpt, ctx.world_size, hp.zero_stage)
             log.info("rank %d resumed from step %d", ctx.rank, start_step)
 
     cfg = model.config
@@ -150,7 +198,7 @@ def train(
     done = step >= total_steps
     while not done:
         for batch in batches(epoch, first):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss = engine(**model_inputs(batch, dtype, packed_attention)).loss
             engine.backward(loss)
             engine.step()
@@ -181,13 +229,13 @@ def train(
                 metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             window_loss, window_tokens, window_flops, window_start = 0.0, 0, 0.0, time.time()
             done = step >= total_steps
-            if (checkpoint_every and step % checkpoint_every == 0) or done:
-                with tempfile.TemporaryDirectory() as tmp:
-                    engine.save_checkpoint(tmp, tag="state")
-                    if ctx.rank == 0:
-                        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                            json.dump({"step": step, "epoch": epoch}, f)
-                    ctx.report(metrics, checkpoint_dir=tmp, step=step)
+            if ctx.keeps_checkpoints and ((checkpoint_every and step % checkpoint_every == 0) or done):
+                tmp = tempfile.mkdtemp(prefix="asclepius-ckpt-")  # the context deletes it once kept
+                engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+                if ctx.rank == 0:
+                    with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                        json.dump({"step": step, "epoch": epoch, "world_size": ctx.world_size}, f)
+                ctx.report(metrics, checkpoint_dir=tmp, step=step)
             else:
                 ctx.report(metrics, step=step)
             if ctx.rank == 0:

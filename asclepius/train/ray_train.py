@@ -50,7 +50,7 @@ from asclepius.train.data import (
     pretraining_table,
     write_blocks,
 )
-from asclepius.train.settings import accumulation_steps, torch_extensions_dir
+from asclepius.train.settings import attention_for, global_batch_accumulation, packed_block_len, rows_per_batch, torch_extensions_dir
 
 log = logging.getLogger("asclepius.train")
 NOTES_PER_GROUP = 1000  # HF run_clm's group_texts concatenates per map batch of 1,000 texts (the recipe's pretraining)
@@ -59,18 +59,6 @@ METRICS_UPLOAD_S = 30.0  # object storage: how often rank 0's metrics log is rew
 
 
 # ----------------------------------------------------------------------------------------------- data (Ray Data)
-def packed_block_len(hp: TrainHyperparams) -> int:
-    """With flash-attention varlen (`packed_attention: position_ids`) a micro-batch is ONE block of micro_batch ×
-    max_len tokens of whole examples (each ≤ max_len, positions restarting): examples of 1,000–2,000 tokens pack
-    into it with ~1 % padding (benchmarks/sft_packing.py). With the dense block-diagonal mask (CPU) attention cost
-    grows with the square of the block, so blocks stay max_len long and a micro-batch holds micro_batch of them."""
-    return hp.micro_batch * hp.max_len if hp.packed_attention == "position_ids" else hp.max_len
-
-
-def rows_per_batch(hp: TrainHyperparams) -> int:
-    return 1 if hp.packing == "packed" and hp.packed_attention == "position_ids" else hp.micro_batch
-
-
 def _tokenizer(source: str, use_fast: bool | None):
     from asclepius.models import load_tokenizer
 
@@ -171,38 +159,7 @@ def build_blocks(ctx: StageRun, source: str) -> dict:
     return stats
 
 
-def global_batch_accumulation(hp: TrainHyperparams, stats: dict, workers: int, rows: int, stage: str) -> tuple[int, float]:
-    """(gradient accumulation, examples per optimizer step). The recipe's global batch of 128 counts examples and a
-    packed block holds several, so by default (`global_batch_unit: examples`) the accumulation is chosen for about
-    `global_batch` examples per step; `blocks` counts a block as one. Pretraining's unit is the block (the recipe's)."""
-    if stage == "pretrain" or hp.packing == "pad_to_longest" or hp.global_batch_unit == "blocks":
-        accum = accumulation_steps(hp, workers, stage)  # global batch = micro_batch × accumulation × workers, exactly
-        per_row = 1.0 if stage == "pretrain" or hp.packing == "pad_to_longest" else stats["examples"] / max(1, stats["blocks"])
-        return accum, accum * rows * workers * per_row
-    per_row = stats["examples"] / max(1, stats["blocks"])
-    accum = max(1, round(hp.global_batch / (per_row * rows * workers)))
-    return accum, accum * rows * workers * per_row
-
-
 # ----------------------------------------------------------------------------------------------- workers
-def attention_for(hp: TrainHyperparams, stage: str, use_gpu: bool) -> tuple[str, str | None]:
-    """(how packed examples are kept apart, transformers' attention implementation).
-    Pretraining blocks are one causal sequence each: no mask, so SDPA runs its flash kernel. Packed instruction
-    data: a block-diagonal mask (SDPA/eager), or — `packed_attention: position_ids` on GPU — flash-attention 2,
-    which reads the example boundaries from the restarting position ids (no mask at all). Without flash-attn
-    installed that path would silently attend across examples, so it is refused."""
-    if stage == "pretrain":
-        return "causal", "sdpa"
-    if hp.packing == "packed" and hp.packed_attention == "position_ids":
-        import importlib.util
-
-        if not (use_gpu and importlib.util.find_spec("flash_attn")):
-            raise RuntimeError(f"{stage}.packed_attention: position_ids needs flash-attn on GPU workers (pip install flash-attn); "
-                               f"use packed_attention: mask otherwise")  # fmt: skip
-        return "position_ids", "flash_attention_2"
-    return "mask", "sdpa"
-
-
 def _worker(config: dict) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", config["torch_extensions_dir"])
     if not config["hp"].use_gpu:
@@ -221,8 +178,10 @@ def _worker(config: dict) -> None:
     metrics_log = _MetricsLog(config["metrics_file"]) if rank == 0 else None
 
     class RayContext(TrainContext):
+        keeps_checkpoints = True
+
         def report(self, metrics, checkpoint_dir=None, step=0):
-            from ray.train import Checkpoint
+            from ray.train import Checkpoint, CheckpointUploadMode
 
             self.history.append(metrics)
             if rank == 0:  # a JSON lines log for the loss curve, and the dashboard's gauges
@@ -231,7 +190,10 @@ def _worker(config: dict) -> None:
 
                 dashboard.training_step(config["section"], metrics["step"], metrics["loss"], metrics["tokens_per_s"], metrics.get("mfu"))
             ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step-{step:06d}" if ckpt else None)
+            # uploaded in the background (Ray Train's one upload thread), the local copy deleted after: a 7B ZeRO
+            # state of ~94 GB no longer stops training for its upload; the last one is awaited before the run ends
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step-{step:06d}" if ckpt else None,
+                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
 
         def latest_checkpoint(self):
             ckpt = ray.train.get_checkpoint()

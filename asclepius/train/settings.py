@@ -1,4 +1,5 @@
-"""DeepSpeed config, learning-rate schedule and FLOPs accounting — built from our config, checked up front."""
+"""DeepSpeed config, attention path and data layout, learning-rate schedule and FLOPs accounting — built from our
+config, checked up front. No Ray here: the device script and benchmarks use it on images without Ray."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import re
 
 from asclepius.config import TrainHyperparams
 
+# attention path → transformers' attention implementation that reads what asclepius.train.data.model_inputs passes
+ATTENTION_IMPLEMENTATION = {"causal": "sdpa", "mask": "sdpa", "flex": "flex_attention", "varlen": "flash_attention_2"}
+
 # Dense bf16 tensor-core peaks (FLOP/s, NVIDIA datasheets, without sparsity) for MFU, by a name's part; the most
 # specific part wins ("H100 PCIe" before "H100", "L40S" before "L4"). CPUs have no single peak: MFU is n/a.
+# The A10G (AWS g5) is not the A10: ~70 TF dense bf16 against the A10's 125. The H200 NVL (PCIe) runs at the
+# H100 NVL's clocks: 835 TF, not the SXM H200's 989.
 PEAK_FLOPS = {
-    "H100 PCIE": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "H100 PCIE": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
 }  # fmt: skip
 
 
@@ -51,6 +57,72 @@ def deepspeed_config(hp: TrainHyperparams, workers: int, section: str, bf16: boo
         "steps_per_print": 10**9,  # we log metrics ourselves
         "wall_clock_breakdown": False,
     }
+
+
+def one_row_layout(hp: TrainHyperparams) -> bool:
+    """Packed instruction data without a dense mask (varlen, flex; `auto` on GPUs) takes a micro-batch as ONE row
+    of micro_batch × max_len tokens of whole examples (each ≤ max_len, positions restarting): examples of
+    1,000–2,000 tokens pack into it with ~1 % padding against ~8 % in max_len blocks (benchmarks/sft_packing.py),
+    and neither path computes attention across examples. With the dense mask (CPU) attention cost grows with the
+    square of the row, so rows stay max_len long and a micro-batch holds micro_batch of them."""
+    if hp.packing != "packed":
+        return False
+    return hp.packed_attention in ("varlen", "flex") or (hp.packed_attention == "auto" and hp.use_gpu)
+
+
+def packed_block_len(hp: TrainHyperparams) -> int:
+    return hp.micro_batch * hp.max_len if one_row_layout(hp) else hp.max_len
+
+
+def rows_per_batch(hp: TrainHyperparams) -> int:
+    return 1 if one_row_layout(hp) else hp.micro_batch
+
+
+def global_batch_accumulation(hp: TrainHyperparams, stats: dict, workers: int, rows: int, stage: str) -> tuple[int, float]:
+    """(gradient accumulation, examples per optimizer step). The recipe's global batch of 128 counts examples and a
+    packed block holds several, so by default (`global_batch_unit: examples`) the accumulation is chosen for about
+    `global_batch` examples per step; `blocks` counts a block as one. Pretraining's unit is the block (the recipe's)."""
+    if stage == "pretrain" or hp.packing == "pad_to_longest" or hp.global_batch_unit == "blocks":
+        accum = accumulation_steps(hp, workers, stage)  # global batch = micro_batch × accumulation × workers, exactly
+        per_row = 1.0 if stage == "pretrain" or hp.packing == "pad_to_longest" else stats["examples"] / max(1, stats["blocks"])
+        return accum, accum * rows * workers * per_row
+    per_row = stats["examples"] / max(1, stats["blocks"])
+    accum = max(1, round(hp.global_batch / (per_row * rows * workers)))
+    return accum, accum * rows * workers * per_row
+
+
+def attention_for(hp: TrainHyperparams, stage: str, use_gpu: bool, has_flash_attn: bool | None = None) -> tuple[str, str]:
+    """(attention path for asclepius.train.data.model_inputs, transformers' attention implementation).
+    Pretraining blocks are one causal sequence each: no mask, so SDPA runs its flash kernel. Instruction data, by
+    `packed_attention`: auto picks flash-attention varlen on GPU workers that have flash-attn, flex_attention on
+    other GPUs, the dense mask on CPU. An explicit choice that cannot run here is refused, never replaced: varlen
+    without flash-attn would attend across examples, flex has no backward on CPU."""
+    if stage == "pretrain":
+        return "causal", ATTENTION_IMPLEMENTATION["causal"]
+    if has_flash_attn is None:
+        import importlib.util
+
+        has_flash_attn = importlib.util.find_spec("flash_attn") is not None
+    path = hp.packed_attention
+    if path == "auto":
+        path = ("varlen" if has_flash_attn else "flex") if use_gpu else "mask"
+    if path == "varlen" and not (use_gpu and has_flash_attn):
+        raise RuntimeError(f"{stage}.packed_attention: varlen needs flash-attn on GPU workers (it is in the project's image; "
+                           f"pip install flash-attn), or use packed_attention: auto")  # fmt: skip
+    if path == "flex" and not use_gpu:
+        raise RuntimeError(f"{stage}.packed_attention: flex needs GPU workers (flex_attention has no backward on CPU); use mask or auto")
+    return path, ATTENTION_IMPLEMENTATION[path]
+
+
+# What DeepSpeed writes per parameter at a checkpoint: the fp32 master weights and Adam's two moments (12 bytes),
+# plus, under ZeRO-2, rank 0's bf16 module state (2 bytes); ZeRO-3's model-state files hold only partition metadata.
+CHECKPOINT_BYTES_PER_PARAM = {2: 14, 3: 12}
+
+
+def checkpoint_cost(n_params: float, zero_stage: int, nodes: int, gbit_per_s_per_node: float) -> tuple[float, float]:
+    """(GB written per checkpoint, seconds to upload it) when every node uploads its ranks' shards at the given rate."""
+    size_gb = n_params * CHECKPOINT_BYTES_PER_PARAM[zero_stage] / 1e9
+    return size_gb, size_gb / nodes / (gbit_per_s_per_node / 8)
 
 
 def lr_at(step: int, total_steps: int, hp: TrainHyperparams) -> float:

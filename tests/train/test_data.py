@@ -163,8 +163,138 @@ def test_pretraining_batches_are_causal_without_a_mask_and_attention_spans_examp
     batch = {"input_ids": torch.ones(2, 8, dtype=torch.long), "labels": torch.ones(2, 8, dtype=torch.long),
              "position_ids": torch.arange(8).repeat(2, 1), "segment_ids": torch.ones(2, 8, dtype=torch.long)}  # fmt: skip
     assert "attention_mask" not in model_inputs(batch, torch.float32, "causal")  # SDPA keeps its causal flash kernel
-    assert "attention_mask" not in model_inputs(batch, torch.float32, "position_ids")  # flash-attn reads the positions
+    varlen = model_inputs({**batch, "cu_seq_lens": torch.tensor([0, 8, 16], dtype=torch.int32), "max_length": 8}, torch.float32, "varlen")
+    assert "attention_mask" not in varlen and varlen["max_length_q"] == 8  # flash-attn reads the boundaries given
     assert model_inputs(batch, torch.float32, "mask")["attention_mask"].shape == (2, 1, 8, 8)
     assert attention_seq_len(batch["segment_ids"]) == 8.0
     packed = torch.tensor([[1, 1, 1, 2, 0, 0], [1, 1, 2, 2, 2, 2]])  # examples of 3, 1, 2, 4 tokens
     assert attention_seq_len(packed) == pytest.approx((9 + 1 + 4 + 16) / 10)
+
+
+# ----------------------------------------------------------------------------------------------- attention paths
+def packed_rows(tok, lengths_of_rows: list[list[int]], seed: int = 0) -> list[dict]:
+    """Stored rows of packed examples: each row the examples of the given lengths, then padding to the longest row."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for lengths in lengths_of_rows:
+        ids, seg = [], []
+        for k, n in enumerate(lengths, start=1):
+            ids += torch.randint(3, len(tok), (n,), generator=gen).tolist()
+            seg += [k] * n
+        rows.append({"input_ids": ids, "loss_mask": [1] * len(ids), "segment_ids": seg})
+    width = max(len(r["input_ids"]) for r in rows) + 5  # a padded tail on every row
+    for r in rows:
+        pad = width - len(r["input_ids"])
+        r["input_ids"] += [0] * pad
+        r["loss_mask"] += [0] * pad
+        r["segment_ids"] += [0] * pad
+    return rows
+
+
+def test_collate_gives_the_varlen_boundaries_transformers_would_derive_in_every_layer(tiny):
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from asclepius.train.data import collate
+
+    for layout in ([[7, 30, 1, 12]], [[40], [3, 3, 3], [20, 19]], [[64]]):
+        batch = collate(packed_rows(tiny[0], layout))
+        (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+        assert batch["cu_seq_lens"].dtype == torch.int32 and torch.equal(batch["cu_seq_lens"], cu_q) and torch.equal(cu_q, cu_k)
+        assert isinstance(batch["max_length"], int) and batch["max_length"] == int(max_q)  # a Python int: no read-back
+    # every example is one segment, and a row's padding one more
+    batch = collate(packed_rows(tiny[0], [[7, 30, 1, 12]]))
+    assert torch.diff(batch["cu_seq_lens"]).tolist() == [7, 30, 1, 12, 5]
+
+
+def _segment_causal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A CPU stand-in for flash-attention's varlen kernel that reads ONLY what model_inputs passes for varlen
+    (cu_seq_lens_q/k, max_length_q/k): causal attention inside each segment of the flattened batch."""
+    cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    assert attention_mask is None and torch.equal(kwargs["cu_seq_lens_k"], cu) and isinstance(longest, int)
+    _SEEN.append(cu.data_ptr())
+    b, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    q = query.transpose(1, 2).reshape(b * length, heads, dim)
+    k = key.repeat_interleave(groups, 1).transpose(1, 2).reshape(b * length, heads, dim)
+    v = value.repeat_interleave(groups, 1).transpose(1, 2).reshape(b * length, heads, dim)
+    out = torch.empty_like(q)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert end - start <= longest
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1), is_causal=True, scale=scaling
+        ).transpose(0, 1)
+    return out.reshape(b, length, heads, dim), None
+
+
+_SEEN: list[int] = []
+
+
+def _loss_and_logits(model, implementation, inputs):
+    model.set_attn_implementation(implementation)
+    try:
+        with torch.no_grad():  # flex_attention has no backward on CPU; the forward is the same computation
+            out = model(**inputs)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return out.loss.item(), out.logits
+
+
+def test_flex_and_varlen_give_the_dense_masks_loss_and_never_attend_across_examples(tiny):
+    """The GPU paths against the CPU fallback on one packed batch: the same loss to 1e-4, and changing one example's
+    tokens changes no other example's logits. flex runs here (forward); varlen runs through a stand-in kernel that
+    sees only the boundaries collate computed, once for every layer."""
+    from transformers import AttentionInterface
+
+    from asclepius.train.data import collate
+    from asclepius.train.settings import ATTENTION_IMPLEMENTATION
+
+    tok, model = tiny
+    AttentionInterface.register("segment_causal_cpu", _segment_causal_attention)
+    rows = packed_rows(tok, [[40, 70, 9, 25], [100, 33]])
+    batch = collate(rows)
+    paths = {"mask": ATTENTION_IMPLEMENTATION["mask"], "flex": ATTENTION_IMPLEMENTATION["flex"], "varlen": "segment_causal_cpu"}
+    assert ATTENTION_IMPLEMENTATION["flex"] == "flex_attention" and ATTENTION_IMPLEMENTATION["varlen"] == "flash_attention_2"
+    _SEEN.clear()
+    results = {path: _loss_and_logits(model, impl, model_inputs(batch, torch.float32, path)) for path, impl in paths.items()}
+    assert len(_SEEN) == model.config.num_hidden_layers and len(set(_SEEN)) == 1  # one cu_seq_lens, handed to every layer
+    reference_loss, reference_logits = results["mask"]
+    for path in ("flex", "varlen"):
+        loss, logits = results[path]
+        assert abs(loss - reference_loss) < 1e-4, path
+        real = batch["segment_ids"] > 0
+        assert torch.allclose(logits[real], reference_logits[real], atol=1e-4), path
+
+    # change every token of the second example of row 0: only that example's logits may move
+    changed = [dict(r) for r in rows]
+    ids = list(changed[0]["input_ids"])
+    ids[40:110] = [(t % (len(tok) - 3)) + 3 if t + 1 >= len(tok) else t + 1 for t in ids[40:110]]
+    changed[0]["input_ids"] = ids
+    other = collate(changed)
+    for path, impl in paths.items():
+        _, logits = _loss_and_logits(model, impl, model_inputs(other, torch.float32, path))
+        untouched = (batch["segment_ids"] > 0) & (batch["segment_ids"] != 2)
+        untouched[1] = batch["segment_ids"][1] > 0
+        assert torch.allclose(logits[untouched], results[path][1][untouched], atol=1e-5), path
+        assert not torch.allclose(logits[0, 40:110], results[path][1][0, 40:110]), path
+
+
+def test_the_dense_mask_stays_the_cpu_fallback_and_gpu_paths_are_chosen_by_what_is_installed():
+    from asclepius.config import config_from_dict
+    from asclepius.train.settings import attention_for, packed_block_len, rows_per_batch
+
+    def hp(**over):
+        base = {"micro_batch": 4, "global_batch": 8, "max_len": 2048, **over}
+        return config_from_dict({"run_dir": "/tmp/x", "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]}, "finetune": base}).finetune
+
+    assert attention_for(hp(), "finetune", use_gpu=False) == ("mask", "sdpa")
+    assert attention_for(hp(use_gpu=True), "finetune", use_gpu=True, has_flash_attn=True) == ("varlen", "flash_attention_2")
+    assert attention_for(hp(use_gpu=True), "finetune", use_gpu=True, has_flash_attn=False) == ("flex", "flex_attention")
+    assert attention_for(hp(use_gpu=True), "pretrain", use_gpu=True) == ("causal", "sdpa")  # one sequence per block: no mask
+    with pytest.raises(RuntimeError, match="varlen needs flash-attn"):
+        attention_for(hp(packed_attention="varlen", use_gpu=True), "finetune", use_gpu=True, has_flash_attn=False)
+    with pytest.raises(RuntimeError, match="flex needs GPU"):
+        attention_for(hp(packed_attention="flex"), "finetune", use_gpu=False)
+    assert hp(packed_attention="position_ids").packed_attention == "varlen"  # the old name still reads
+    # one row of micro_batch × max_len without a dense mask; max_len rows with it
+    assert (packed_block_len(hp(use_gpu=True)), rows_per_batch(hp(use_gpu=True))) == (4 * 2048, 1)
+    assert (packed_block_len(hp()), rows_per_batch(hp())) == (2048, 4)

@@ -91,3 +91,38 @@ def test_offloaded_optimizer_is_deepspeeds_cpu_adam(rows):
         deepspeed.initialize = original
     assert seen == [DeepSpeedCPUAdam] and result.final_step == 3
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_a_resume_from_a_checkpoint_missing_a_shard_stops_naming_it(rows, tmp_path):
+    """DeepSpeed only warns when a shard is gone and would train on with a fresh optimizer (or base weights): the
+    loop refuses, naming the file, and a whole checkpoint still resumes."""
+    from asclepius.train.loop import CheckpointIncomplete, missing_checkpoint_files
+
+    root = tmp_path / "ckpt"
+    ctx = lambda: TrainContext(checkpoint_root=str(root))  # noqa: E731
+    train(load_model("tiny"), recording_batches(rows, []), 4, hyperparams(), "finetune", ctx(), max_steps=2, checkpoint_every=2)
+    (saved,) = [root / d for d in os.listdir(root)]
+    assert missing_checkpoint_files(str(saved), 1, 2) == []
+    assert missing_checkpoint_files(str(saved), 2, 2) == ["state/zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # a second rank's
+    assert missing_checkpoint_files(str(saved), 1, 3)[0] == "state/zero_pp_rank_0_mp_rank_00_model_states.pt"
+    shard = saved / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    kept = shard.read_bytes()
+    shard.unlink()
+    with pytest.raises(CheckpointIncomplete, match="lacks state/zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        train(load_model("tiny"), recording_batches(rows, []), 4, hyperparams(), "finetune", ctx(), max_steps=4)
+    shard.write_bytes(kept)
+    (saved / "asclepius_state.json").write_text('{"step": 2, "epoch": 0, "world_size": 4}')
+    with pytest.raises(CheckpointIncomplete, match="written by 4 workers and this run has 1"):
+        train(load_model("tiny"), recording_batches(rows, []), 4, hyperparams(), "finetune", ctx(), max_steps=4)
+    (saved / "asclepius_state.json").write_text('{"step": 2, "epoch": 0, "world_size": 1}')
+    assert train(load_model("tiny"), recording_batches(rows, []), 4, hyperparams(), "finetune", ctx(), max_steps=4).resumed_from == 2
+
+
+def test_nothing_is_saved_when_nothing_keeps_it(rows, monkeypatch):
+    import deepspeed
+
+    saves = []
+    original = deepspeed.DeepSpeedEngine.save_checkpoint
+    monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", lambda self, *a, **k: saves.append(a) or original(self, *a, **k))
+    train(load_model("tiny"), recording_batches(rows, []), 4, hyperparams(), "finetune", TrainContext(), max_steps=3, checkpoint_every=1)
+    assert saves == []  # a benchmark's context has no root: no ZeRO state written to /tmp at every step

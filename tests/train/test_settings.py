@@ -41,6 +41,8 @@ def test_flops_and_peaks():
     # the most specific name wins: an L40S is not an L4, an H100 PCIe not an SXM part
     assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 NVL") == 835e12 and peak_flops("NVIDIA H200") == 989e12
+    # an H200 NVL is clocked as an H100 NVL; an A10G (AWS g5) is not an A10
+    assert peak_flops("NVIDIA H200 NVL") == 835e12 and peak_flops("NVIDIA A10G") == 70e12 and peak_flops("NVIDIA A10") == 125e12
 
 
 def test_adamw_is_the_recipes_and_offload_takes_deepspeeds_cpu_adam():
@@ -61,7 +63,7 @@ def test_adamw_is_the_recipes_and_offload_takes_deepspeeds_cpu_adam():
 
 
 def test_the_global_batch_counts_examples_as_the_recipe_did():
-    from asclepius.train.ray_train import global_batch_accumulation
+    from asclepius.train.settings import global_batch_accumulation
 
     ft = config_from_dict({"run_dir": "/tmp/x", "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]},
                            "finetune": {"micro_batch": 1, "num_workers": 8}}).finetune  # fmt: skip
