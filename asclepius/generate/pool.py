@@ -4,10 +4,17 @@ For each note, the prompt shows `seed_examples` of its task's seed questions and
 questions generated for that task so far (the recipe's scheme). A new question joins the pool only if its
 ROUGE-L F against every seed and pool question of the task is below the threshold (self-instruct's rule).
 
-Exact ROUGE-L (rouge-score) is only computed for candidates that could reach the threshold: the LCS of two token
-lists is at most the number of tokens they share, so F ≤ 2·shared / (len a + len b). An inverted index gives the
-shared counts of every candidate in one pass over the new question's tokens, so the cost follows the few similar
-questions, not the pool's size.
+The rule is kept exactly (same tokens as rouge-score's, same F, same comparison) and made near-linear:
+- **Which questions can reach the threshold.** F = 2·LCS / (m + n) for token counts m, n, and LCS ≤ min(m, n), so a
+  candidate's length lies in [t·m / (2−t), (2−t)·m / t] and it shares at least k = ⌈t·(m + n_min) / 2⌉ tokens with
+  the new question. Any k shared tokens include one of the new question's m − k + 1 **rarest** tokens, so only the
+  questions holding one of those are candidates (prefix filtering, as in set-similarity joins): the posting lists of
+  "what", "the", "patient" — which span the pool — are never walked.
+- **The exact LCS in C++.** Tokens are mapped to one character each and rapidfuzz's `LCSseq` (exact, bit-parallel)
+  gives the LCS; F is then computed with rouge-score's own formula, so the decision at the threshold is the same
+  float comparison (tests/generate/test_pool_equivalence.py checks it against rouge-score on random and adversarial
+  sets).
+benchmarks/question_pool.py measures it from 1k to 20k questions per task.
 
 Every decision is journaled (`<dir>/journal-*.jsonl`, an `AppendLog`: fsynced, or one object per decision on
 object storage) before it is used: which examples a note's prompt used, and which questions were offered and
@@ -18,17 +25,38 @@ teacher ledger answers it without paying) and the pool is what it was.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import uuid
 from collections import Counter, defaultdict
 
-from rouge_score import rouge_scorer, tokenizers
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import LCSseq
+from rouge_score import tokenizers
 
 from asclepius.run import stable_fraction
 from asclepius.storage import AppendLog, read_log
 
 JOURNAL = "journal"
+_SURROGATES = 0xD800  # token ids map to code points, skipping the surrogate block (not valid in a str)
+
+
+class _Growing:
+    """A NumPy array appended to in amortised O(1): a posting list, the questions' lengths, their codes."""
+
+    def __init__(self, dtype=np.int32):
+        self.data, self.size = np.empty(16, dtype=dtype), 0
+
+    def append(self, value: int) -> None:
+        if self.size == len(self.data):
+            self.data = np.concatenate([self.data, np.empty_like(self.data)])
+        self.data[self.size] = value
+        self.size += 1
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.size]
 
 
 class TaskPool:
@@ -36,46 +64,72 @@ class TaskPool:
         self.threshold = threshold
         self.seeds = list(seeds)
         self.pool: list[str] = []
-        self._tokens: list[Counter] = []  # token counts of the seeds, then of the pool questions
-        self._index: dict[str, set[int]] = defaultdict(set)
-        self._tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)
-        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-        self.exact_scores = 0  # how many exact ROUGE-L computations were needed (the prefilter's work)
+        self._tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)  # rouge-score's tokens, exactly
+        self._ids: dict[str, str] = {}  # token → its one-character code
+        self._codes = _Growing(object)  # every seed and pool question as a string of token codes
+        self._lengths = _Growing()
+        self._postings: dict[str, _Growing] = defaultdict(_Growing)  # token code → questions holding it
+        self.exact_scores = 0  # how many exact LCS computations were needed (the filter's work)
         for q in self.seeds:
             self._add(q)
 
+    def _encode(self, question: str) -> str:
+        out = []
+        for token in self._tokenizer.tokenize(question):
+            code = self._ids.get(token)
+            if code is None:
+                n = len(self._ids) + 1
+                code = self._ids[token] = chr(n if n < _SURROGATES else n + 0x800)
+            out.append(code)
+        return "".join(out)
+
     def _add(self, question: str) -> None:
-        counts = Counter(self._tokenizer.tokenize(question))
-        i = len(self._tokens)
-        self._tokens.append(counts)
-        for t in counts:
-            self._index[t].add(i)
+        codes = self._encode(question)
+        i = self._codes.size
+        self._codes.append(codes)
+        self._lengths.append(len(codes))
+        for c in set(codes):
+            self._postings[c].append(i)
 
     def _text(self, i: int) -> str:
         return self.seeds[i] if i < len(self.seeds) else self.pool[i - len(self.seeds)]
 
     def most_similar(self, question: str) -> tuple[float, str | None]:
-        """(score, text): a seed or pool question with ROUGE-L F ≥ threshold if there is one, else the best score
-        among the candidates that had to be checked (all below the threshold) and None."""
-        counts = Counter(self._tokenizer.tokenize(question))
-        n = sum(counts.values())
-        if not n:
+        """(score, text): the seed or pool question with the highest ROUGE-L F if that is ≥ threshold, else the
+        best score among the candidates that had to be checked (all below the threshold) and None."""
+        codes = self._encode(question)
+        m, t = len(codes), self.threshold
+        if not m or not self._codes.size:
             return 0.0, None
-        shared: Counter = Counter()
-        for t, c in counts.items():
-            for i in self._index.get(t, ()):
-                shared[i] += min(c, self._tokens[i][t])
-        bounds = sorted(((2 * common / (n + sum(self._tokens[i].values())), i) for i, common in shared.items()), reverse=True)
-        best = 0.0
-        for bound, i in bounds:
-            if bound < self.threshold:
-                break  # no candidate from here on can reach the threshold
-            self.exact_scores += 1
-            score = self._scorer.score(self._text(i), question)["rougeL"].fmeasure
-            if score >= self.threshold:
-                return score, self._text(i)
-            best = max(best, score)
-        return best, None
+        slack = 1e-9  # the bounds only choose candidates: rounded towards more of them, never fewer
+        shortest = max(1, math.ceil(t * m / (2 - t) - slack))
+        longest = math.floor((2 - t) * m / t + slack)
+        need = max(1, math.ceil(t * (m + shortest) / 2 - slack))
+        counts = Counter(codes)
+        prefix, covered = [], 0
+        for c in sorted(counts, key=lambda c: self._postings[c].size if c in self._postings else 0):  # rarest first
+            if covered >= m - need + 1:
+                break
+            prefix.append(c)
+            covered += counts[c]
+        lengths = self._lengths.view()
+        holds = np.zeros(len(lengths), dtype=bool)
+        for c in prefix:
+            if c in self._postings:
+                holds[self._postings[c].view()] = True
+        candidates = np.flatnonzero(holds & (lengths >= shortest) & (lengths <= longest))
+        if not len(candidates):
+            return 0.0, None
+        self.exact_scores += len(candidates)
+        others = self._codes.view()[candidates].tolist()
+        lcs = process.cdist([codes], others, scorer=LCSseq.similarity, dtype=np.int32, workers=1)[0]
+        lcs = lcs.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):  # rouge-score's fmeasure, operation for operation
+            precision, recall = lcs / m, lcs / lengths[candidates]
+            scores = np.where(lcs > 0, 2 * precision * recall / (precision + recall), 0.0)
+        best = int(np.argmax(scores))
+        score = float(scores[best])
+        return (score, self._text(int(candidates[best]))) if score >= t else (score, None)
 
     def offer(self, question: str) -> tuple[bool, float]:
         if self.threshold >= 1.0:
