@@ -136,7 +136,13 @@ def _status(args, cfg) -> int:
 
         storage_env(cfg.storage.endpoint_url, cfg.storage.region)
     run = RunDir.open(run_dir)
-    rows = status_rows(run, cfg)
+    statuses = None
+    if cfg is not None:
+        from asclepius.pipeline import pipeline_stages
+        from asclepius.run import stage_status
+
+        statuses = [stage_status(s, cfg, run) for s in pipeline_stages(cfg)]
+    rows = status_rows(run, statuses)
     print(json.dumps(rows, indent=1) if args.json else status_table(rows, run_dir, published_outputs(run)))
     return 0
 

@@ -182,12 +182,50 @@ def _route_native_stderr(log_file: str | None) -> None:
     atexit.register(restore)
 
 
+class _Bar:
+    """A rich live progress bar for a terminal (the quiet console's display of a teacher stage)."""
+
+    def __init__(self, stage: str, total: int, terminal):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self.progress = RichProgress(TextColumn(f"teacher {stage}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), transient=False,
+                                     console=Console(file=terminal, force_terminal=True))  # fmt: skip
+        self.task = self.progress.add_task(stage, total=total, info="")
+        self.progress.start()
+
+    def update(self, done: int, info: str) -> None:
+        self.progress.update(self.task, completed=done, info=info.split(", ", 2)[-1][:90])
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _live_bar(stage: str, total: int) -> _Bar | None:
+    """The display a teacher stage reports to (asclepius.progress): a live bar on a terminal under the quiet console."""
+    from asclepius.cluster import QUIET
+
+    if not (QUIET["on"] and TERMINAL["stream"] is not None):
+        return None
+    return _Bar(stage, total, TERMINAL["stream"])
+
+
 def setup_console(run_dir: str | None, verbose: bool = False) -> Console:
     """Logging for a command: quiet console (or everything with `verbose`), and the full log in <run>/logs/."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.INFO)
+    from asclepius import progress
+
+    progress.set_display(_live_bar)  # teacher stages report progress to it, without importing the console
     console = logging.StreamHandler(sys.stderr)
     if verbose:
         console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

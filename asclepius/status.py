@@ -26,15 +26,11 @@ def _cost(e: dict) -> float:
     return total
 
 
-def status_rows(run: RunDir, cfg=None) -> list[dict]:
-    """One row per stage: recorded state, counts, seconds, dollars; with a config, its state against it and why."""
+def status_rows(run: RunDir, stage_statuses: list | None = None) -> list[dict]:
+    """One row per stage: recorded state, counts, seconds, dollars; given each stage's status against a config
+    (asclepius.run.stage_status, as the pipeline computes it), that state and why."""
     manifest = run.read_manifest()["stages"]
-    statuses = {}
-    if cfg is not None:
-        from asclepius.pipeline import pipeline_stages
-        from asclepius.run import stage_status
-
-        statuses = {s.name: stage_status(s, cfg, run) for s in pipeline_stages(cfg)}
+    statuses = {st.name: st for st in stage_statuses or []}
     names = [n for n in ORDER if n in manifest or n in statuses] + sorted(set(manifest) - set(ORDER))
     rows = []
     for name in names:

@@ -10,15 +10,15 @@ field. A request's generations (prompts × n) are admitted together or refused t
 Retry-After when the engine is full. A client that disconnects stops its generations at the next decoding step.
 
 Logs carry request ids, sizes and timings — never prompts, notes or answers.
+
+By concern: asclepius.serve.edge (parsing, limits, errors), asclepius.serve.auth (the clients' key),
+asclepius.serve.replica (the model deployment); here the routes, and building and starting the app.
 """
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
-import os
-import threading
 import time
 import uuid
 
@@ -30,290 +30,18 @@ from ray.serve.exceptions import BackPressureError
 from asclepius import metrics
 from asclepius.config import ServeConfig, ServedModelConfig
 from asclepius.recipe import load_recipe
+from asclepius.serve.auth import ServeConfigError, bearer_matches, key_digest, read_serve_key
+from asclepius.serve.edge import MAX_BODY_BYTES, _error, _token_entries, _validation_error, parse_body
+from asclepius.serve.replica import ModelServer, answer_prompt, configure_replica_logging
 from asclepius.serve.schemas import AnswerRequest, ChatCompletionRequest, CompletionRequest, RefusedField
-from asclepius.storage import is_remote, local_copy
+
+# what callers (asclepius serve, the stage, app_builder's users, tests) import from here
+__all__ = ["ServeConfigError", "app_builder", "build_app", "read_serve_key", "serve_deploy_config", "start", "with_published_sources",
+           "ModelServer", "parse_body", "MAX_BODY_BYTES"]  # fmt: skip
 
 log = logging.getLogger("asclepius.serve")
-MAX_BODY_BYTES = 16 << 20
-QUEUE_METRICS_EVERY_S = 2.0
-
-
-class ServeConfigError(ValueError):
-    pass
-
-
-def configure_replica_logging() -> None:
-    """Inside a Serve replica our loggers have no handler: give them Serve's (the replica's log file, the
-    dashboard), so operators see ids, sizes and timings next to Ray's access lines."""
-    ours, theirs = logging.getLogger("asclepius"), logging.getLogger("ray.serve")
-    if theirs.handlers and not ours.handlers:
-        for handler in theirs.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
-
-
-def answer_prompt(note: str, question: str) -> str:
-    """The recipe's trained prompt (its typo included), fields stripped of surrounding newlines as in training."""
-    return load_recipe().model_prompt.format(note=note.strip("\n"), question=question.strip("\n"))
-
-
-# ----------------------------------------------------------------------------------------------- the model replica
-class ModelServer:
-    """One model: tokenizer, weights, and a continuous-batching engine on its own thread."""
-
-    def __init__(self, cfg: ServedModelConfig):
-        import torch
-
-        from asclepius.models import load_model, load_tokenizer
-        from asclepius.serve.engine import Engine
-
-        configure_replica_logging()
-        self.cfg = cfg
-        device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        # Ray gives a worker one thread per reserved CPU (OMP_NUM_THREADS); torch_threads can use more of a node
-        # than the replica reserves, leaving CPUs to schedule other work on.
-        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
-        # a checkpoint in object storage (s3://, gs://) is downloaded once per node into a private cache
-        source = local_copy(cfg.source) if is_remote(cfg.source) else cfg.source
-        self.tokenizer = load_tokenizer(source)
-        model = load_model(source, cfg.dtype, device)
-        self.context = cfg.context_length or getattr(model.config, "max_position_embeddings", 2048)
-        if device == "cuda":  # refuse a KV budget the GPU cannot hold now, not with out-of-memory under load
-            from asclepius.serve.sizing import check_kv_budget
-
-            check_kv_budget(cfg.name, model.config, max(cfg.max_batch_tokens, self.context), torch.cuda.mem_get_info()[0],
-                            dtype_bytes=next(model.parameters()).element_size())  # fmt: skip
-        self.engine = Engine(model, self.tokenizer, self.context, max_batch_size=cfg.max_batch_size,
-                             max_batch_tokens=max(cfg.max_batch_tokens, self.context), max_waiting=cfg.max_queued_requests)  # fmt: skip
-        self.engine.start()
-        self.vocab = len(self.tokenizer)
-        threading.Thread(target=self._report_queue, name=f"queue-metrics-{cfg.name}", daemon=True).start()
-        log.info("model %s ready on %s (context %d, batch %d)", cfg.name, device, self.context, cfg.max_batch_size)
-
-    def _report_queue(self) -> None:
-        while True:  # the dashboard's queue depth: generations decoding and waiting for a place in the batch
-            metrics.serve_queue(self.cfg.name, *self.engine.load())
-            time.sleep(QUEUE_METRICS_EVERY_S)
-
-    def info(self) -> dict:
-        return {"name": self.cfg.name, "context_length": self.context, "source": self.cfg.source}
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def token_texts(self, seq: list[int], alternatives: list[list[int]]) -> tuple[list[str], list[list[str]]]:
-        """The text each token of `seq` adds after the tokens before it (so the pieces add up to the decoded text —
-        a SentencePiece token alone loses its leading space), and the same for each position's alternatives."""
-        chosen, alts = [], []
-        for i, token in enumerate(seq):
-            prefix = seq[max(0, i - 6) : i]
-            base = self.decode(prefix)
-            chosen.append(self.decode(prefix + [token])[len(base) :])
-            alts.append([self.decode(prefix + [a])[len(base) :] for a in alternatives[i]])
-        return chosen, alts
-
-    def prepare(self, kind: str, payload: dict) -> dict:
-        """Prompt token ids for a request, or an error {status, code, message, param}."""
-        from asclepius.models import chat_prompt_ids, text_prompt_ids
-
-        for token in (payload.get("logit_bias") or {}):
-            if token >= self.vocab:
-                return _error_dict(400, "invalid_logit_bias", f"logit_bias: token id {token} is outside the vocabulary ({self.vocab})", "logit_bias")
-        max_tokens = payload["max_tokens"]
-        if kind == "answer":
-            return self._prepare_answer(payload)
-        if kind == "chat":
-            ids = chat_prompt_ids(self.tokenizer, payload["messages"])
-        elif isinstance(payload["prompt"], list):
-            ids = list(payload["prompt"])
-            if max(ids) >= self.vocab:
-                return _error_dict(400, "invalid_prompt", f"prompt: token id {max(ids)} is outside the vocabulary ({self.vocab})", "prompt")
-        else:
-            ids = text_prompt_ids(self.tokenizer, payload["prompt"])
-        over = len(ids) + max_tokens - self.context
-        truncated = 0
-        if over > 0:
-            if not self.cfg.truncate_prompt or max_tokens >= self.context:
-                return _error_dict(400, "context_length_exceeded", f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
-                                   f"the context of {self.context} tokens by {over}; shorten the prompt or lower max_tokens", "messages")  # fmt: skip
-            ids, truncated = ids[:1] + ids[1 + over :], over  # the oldest text goes; the first token (BOS / template) stays
-        prepared = {"prompt_ids": ids, "truncated_tokens": truncated}
-        if payload.get("guided_choice"):
-            prepared["allowed"] = [list(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in payload["guided_choice"]]
-        return prepared
-
-    def _prepare_answer(self, payload: dict) -> dict:
-        """The recipe's prompt around note and question; a note too long for the context is shortened from its end,
-        as training shortens it (the header and the question always stay), and the response says so."""
-        from asclepius.models import text_prompt_ids
-
-        note, question, max_tokens = payload["note"].strip("\n"), payload["question"], payload["max_tokens"]
-        ids = text_prompt_ids(self.tokenizer, answer_prompt(note, question))
-        if len(ids) + max_tokens <= self.context:
-            return {"prompt_ids": ids, "truncated_tokens": 0}
-        note_ids = list(self.tokenizer(note, add_special_tokens=False)["input_ids"])
-        keep = len(note_ids) - (len(ids) + max_tokens - self.context)
-        while keep > 0:
-            ids = text_prompt_ids(self.tokenizer, answer_prompt(self.tokenizer.decode(note_ids[:keep]), question))
-            if len(ids) + max_tokens <= self.context:
-                return {"prompt_ids": ids, "truncated_tokens": len(note_ids) - keep}
-            keep -= max(1, len(ids) + max_tokens - self.context)
-        return _error_dict(400, "context_length_exceeded", f"the question and max_tokens ({max_tokens}) leave no room for the note "
-                           f"in the context of {self.context} tokens; lower max_tokens", "max_tokens")  # fmt: skip
-
-    def _requests(self, specs: list[dict]):
-        from asclepius.serve.engine import GenRequest
-
-        return [GenRequest(
-            prompt_ids=s["prompt_ids"], max_new_tokens=s["max_tokens"], temperature=s["temperature"], top_p=s["top_p"], stop=s["stop"],
-            seed=s["seed"], request_id=s["request_id"], allowed=s.get("allowed"), logprobs=s.get("logprobs"),
-            prompt_logprobs=s.get("prompt_logprobs"), logit_bias=s.get("logit_bias") or {},
-            frequency_penalty=s.get("frequency_penalty", 0.0), presence_penalty=s.get("presence_penalty", 0.0),
-        ) for s in specs]  # fmt: skip
-
-    async def generate(self, specs: list[dict]):
-        """All of a request's generations, admitted together; yields lists of {"index", chunk...} as tokens come
-        (whatever has arrived, in one message: fewer hops per token under load), or one {"overloaded":
-        retry_after_s}. If the caller goes away (a client disconnect cancels this), the generations stop at the
-        engine's next step."""
-        from dataclasses import asdict
-
-        from asclepius.serve.engine import EngineOverloaded
-
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue = asyncio.Queue()
-        requests = self._requests(specs)
-
-        def emitter(i):
-            return lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, (i, chunk))
-
-        try:
-            self.engine.submit(requests, [emitter(i) for i in range(len(requests))])
-        except EngineOverloaded as err:
-            log.info("%s refused: %s", specs[0]["request_id"].split("/")[0], err)
-            yield {"overloaded": err.retry_after_s}
-            return
-        open_ = set(range(len(requests)))
-        try:
-            while open_:
-                got = [await chunks.get()]
-                while not chunks.empty():
-                    got.append(chunks.get_nowait())
-                for i, chunk in got:
-                    if chunk.finish_reason:
-                        open_.discard(i)
-                yield [{"index": i, **asdict(chunk)} for i, chunk in got]
-        finally:
-            for i in open_:  # cancelled, or the caller stopped reading
-                self.engine.cancel(requests[i].request_id)
-            if open_:
-                log.info("%s cancelled %d generation(s) (client went away)", specs[0]["request_id"].split("/")[0], len(open_))
-
-    async def generate_full(self, specs: list[dict]) -> dict:
-        """Non-streaming: the chunks are gathered here, in the replica, so only the results cross the network."""
-        results = [{"text": "", "completion_tokens": 0, "finish_reason": "length", "logprobs": [], "prompt_logprobs": None, "error": None}
-                   for _ in specs]  # fmt: skip
-        async for items in self.generate(specs):
-            if "overloaded" in items:
-                return items
-            for item in items:
-                r = results[item["index"]]
-                r["text"] += item["text"]
-                r["logprobs"] += item["logprobs"]
-                r["completion_tokens"] = item["completion_tokens"]
-                r["prompt_logprobs"] = item["prompt_logprobs"] or r["prompt_logprobs"]
-                if item["finish_reason"]:
-                    r["finish_reason"], r["error"] = item["finish_reason"], item["error"]
-        return {"results": results}
-
-    def stats(self) -> dict:
-        running, waiting = self.engine.load()
-        return {"batch_sizes": list(self.engine.batches), "running": running, "waiting": waiting, "steps": self.engine.steps}
-
-
-# ----------------------------------------------------------------------------------------------- errors, parsing
-def _error_dict(status: int, code: str, message: str, param: str | None = None) -> dict:
-    return {"error": {"status": status, "code": code, "message": message, "param": param}}
-
-
-def _error(status: int, message: str, code: str | None = None, request_id: str = "", param: str | None = None,
-           headers: dict | None = None) -> JSONResponse:  # fmt: skip
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-            503: "overloaded_error"}  # fmt: skip
-    body = {"error": {"message": message, "type": kind.get(status, "server_error"), "param": param, "code": code}, "id": request_id or None}
-    return JSONResponse(body, status_code=status, headers=headers or {})
-
-
-def _surrogate_at(value) -> str | None:
-    """The path of the first string holding a lone surrogate (no tokenizer takes one), iteratively."""
-    stack = [("", value)]
-    while stack:
-        path, v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return path or "<body>"
-        elif isinstance(v, dict):
-            stack.extend((f"{path}.{k}" if path else str(k), x) for k, x in v.items())
-        elif isinstance(v, list):
-            stack.extend((f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v))
-    return None
-
-
-def parse_body(raw: bytes) -> tuple[object, tuple[str, str, str | None] | None]:
-    """(the JSON value, None) or (None, (code, message, param)) for a body no model should ever see."""
-    if len(raw) > MAX_BODY_BYTES:
-        return None, ("body_too_large", f"the body is over {MAX_BODY_BYTES >> 20} MiB", None)
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return None, ("invalid_json", "the body is not UTF-8", None)
-    except json.JSONDecodeError:
-        return None, ("invalid_json", "the request body is not valid JSON", None)
-    except RecursionError:
-        return None, ("invalid_json", "the JSON is nested too deeply", None)
-    except ValueError:  # Python's limit on integer digits
-        return None, ("invalid_json", "a number in the body is too large", None)
-    where = _surrogate_at(value)
-    if where:
-        return None, ("invalid_text", f"{where}: a lone surrogate is not valid Unicode text", where)
-    return value, None
-
-
-def _validation_error(err) -> tuple[str, str | None]:
-    """A pydantic error as OpenAI puts it: the fields and what is wrong — never their (possibly clinical) values."""
-    if isinstance(err, RefusedField):
-        return str(err), err.field
-    errors = err.errors() if hasattr(err, "errors") else []
-    for e in errors:  # a RefusedField raised in a validator arrives wrapped
-        ctx = (e.get("ctx") or {}).get("error")
-        if isinstance(ctx, RefusedField):
-            return str(ctx), ctx.field
-    parts, first = [], None
-    for e in errors:
-        where = ".".join(str(p) for p in e["loc"]) or "<body>"
-        first = first or where
-        msg = "unknown field (not an OpenAI parameter this server takes)" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{where}: {msg}")
-    return "; ".join(dict.fromkeys(parts)) or "invalid request", first
-
-
 def _fingerprint(cfg: ServedModelConfig) -> str:
     return "fp_" + hashlib.sha256(f"asclepius|{cfg.name}|{cfg.source}|{cfg.dtype}".encode()).hexdigest()[:12]
-
-
-def _token_entries(server_tokens: list[str], entries: list[dict], k: int | None) -> dict:
-    """Completions' logprobs object: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
-    tokens, lps, tops, offsets, at = [], [], [], [], 0
-    for text, e in zip(server_tokens, entries):
-        tokens.append(text)
-        lps.append(e["logprob"])
-        tops.append(None if e["logprob"] is None else {t: lp for t, lp in e["top_texts"]} if k else None)
-        offsets.append(at)
-        at += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 api = FastAPI(title="Asclepius", description="OpenAI-compatible API and the clinical /v1/answer endpoint",
@@ -350,11 +78,7 @@ class Ingress:
 
     # ------------------------------------------------------------------------------------------- helpers
     def _authorized(self, request: Request) -> bool:
-        if not self.key_sha256:
-            return True
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        return hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self.key_sha256)
+        return bearer_matches(request.headers.get("authorization", ""), self.key_sha256)
 
     async def _begin(self, request: Request, prefix: str, schema):
         """Every POST starts alike: a request id, the key, the body, the model. Returns (id, body, name, handle, error)."""
@@ -643,27 +367,6 @@ class Ingress:
 
 
 # ----------------------------------------------------------------------------------------------- build, start
-def read_serve_key(cfg: ServeConfig) -> str | None:
-    """The clients' key, or None when auth is off. A configured key source that is missing or empty stops the
-    server at start: failing open would serve clinical text to anyone."""
-    if cfg.api_key_file:
-        try:
-            with open(os.path.expanduser(cfg.api_key_file), encoding="utf-8") as f:
-                key = f.read().strip()
-        except OSError as err:
-            raise ServeConfigError(f"serve.api_key_file: cannot read {cfg.api_key_file} ({type(err).__name__}); refusing to serve without the key") from None
-        if not key:
-            raise ServeConfigError(f"serve.api_key_file: {cfg.api_key_file} is empty; refusing to serve without a key")
-        return key
-    if cfg.api_key_env:
-        key = os.environ.get(cfg.api_key_env, "").strip()
-        if not key:
-            raise ServeConfigError(f"serve.api_key_env: the environment variable {cfg.api_key_env} is not set or empty; refusing to "
-                                   "serve without the key it names")  # fmt: skip
-        return key
-    return None
-
-
 def _placement(m: ServedModelConfig) -> dict:
     """A model deployment's name, resources and replicas: what build_app deploys and serve_deploy_config states."""
     options: dict = {"name": f"model-{m.name}", "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}}
@@ -688,7 +391,7 @@ def build_app(cfg: ServeConfig):
         bound[m.name] = serve.deployment(ModelServer).options(**options).bind(m)
         settings[m.name] = {"default_max_tokens": m.default_max_tokens, "fingerprint": _fingerprint(m),
                             "capacity": m.max_batch_size + m.max_queued_requests}  # fmt: skip
-    key_sha = hashlib.sha256(key.encode()).hexdigest() if key else None
+    key_sha = key_digest(key)
     ingress = serve.deployment(Ingress).options(name="ingress", max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
     return ingress.bind(bound, settings, key_sha, cfg.docs)
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import ray
 
 from asclepius.config import Config, TeacherConfig
+from asclepius.progress import live_bar
 from asclepius.run import RunDir, make_private_dir
 from asclepius.storage import uri_join
 from asclepius.teacher.client import (
@@ -241,7 +242,7 @@ class Progress:
         )
 
     def _loop(self):
-        bar = _live_bar(self.stage, self.plan.estimate.requests)
+        bar = live_bar(self.stage, self.plan.estimate.requests)
         every = 1.0 if bar else self.cfg.progress_every_s  # a live bar in a terminal; a line every few seconds otherwise
         shown_state, quiet_ticks = (0, 0, 0, 0), 0  # nothing answered yet: no line until something moves
         while not self._stop.wait(every):
@@ -395,42 +396,3 @@ def ask_batch(cfg: TeacherConfig, stage: str, df: pd.DataFrame, directory: str, 
     base = price_for(cfg.model, {k: (p.prompt_per_1m, p.completion_per_1m) for k, p in cfg.prices.items()}, is_self_hosted(cfg))
     outcomes = BatchRunner(cfg, stage, directory, base).run(requests)
     return outcome_columns(rows, outcomes)
-
-
-class _Bar:
-    """A rich live progress bar for a terminal (the quiet console's display of a teacher stage)."""
-
-    def __init__(self, stage: str, total: int, terminal):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import Progress as RichProgress
-
-        self.progress = RichProgress(TextColumn(f"teacher {stage}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[info]}"), transient=False,
-                                     console=Console(file=terminal, force_terminal=True))  # fmt: skip
-        self.task = self.progress.add_task(stage, total=total, info="")
-        self.progress.start()
-
-    def update(self, done: int, info: str) -> None:
-        self.progress.update(self.task, completed=done, info=info.split(", ", 2)[-1][:90])
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-def _live_bar(stage: str, total: int) -> _Bar | None:
-    from asclepius.cluster import QUIET
-
-    from asclepius.console import TERMINAL
-
-    if not (QUIET["on"] and TERMINAL["stream"] is not None):
-        return None
-    try:
-        return _Bar(stage, total, TERMINAL["stream"])
-    except Exception:  # no rich, or no terminal after all: lines instead
-        return None
