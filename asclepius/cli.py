@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--stage", action="append", help="run only this stage (repeatable)")
             sp.add_argument("--force", action="store_true", help="rerun stages even if their outputs are complete")
             sp.add_argument("--verbose", action="store_true", help="Ray's, Ray Data's and Serve's own logs on the console too")
+        if name == "config":
+            sp.add_argument("--departures", action="store_true", help="list only the values that depart from the recipe's")
         if name == "serve":
             sp.add_argument("--vllm-config", help="write a ray.serve.llm (vLLM) Serve config for the same models and exit")
             sp.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
@@ -83,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.command == "config":
+        if args.departures:
+            from asclepius.config import recipe_departures
+
+            print("\n".join(recipe_departures(cfg)) or "none: every recipe value is the recipe's")
+            return 0
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     if args.command == "status":
@@ -233,7 +240,8 @@ def _serve(cfg, args) -> int:
             yaml.safe_dump(vllm_serve_config(with_published_sources(cfg)), f, sort_keys=False)
         print(f"wrote {args.vllm_config}: serve run {args.vllm_config}")
         return 0
-    import time
+    import signal
+    import threading
 
     from asclepius.cluster import init_ray
     from asclepius.serve.app import ServeConfigError, start, with_published_sources
@@ -245,14 +253,36 @@ def _serve(cfg, args) -> int:
     except ServeConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"serving {[m.name for m in cfg.serve.models]} at {url}", flush=True)
-    deadline = time.time() + args.duration if args.duration else None
+    stop = threading.Event()
+    # Ctrl-C, and a container's stop. Installed explicitly: a command started in the background (`asclepius serve &`,
+    # a non-interactive shell) inherits SIGINT ignored, and would not stop on it
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while deadline is None or time.time() < deadline:
-            time.sleep(1)
+        print(f"serving {[m.name for m in cfg.serve.models]} at {url} (Ctrl-C stops it)", flush=True)
+        stop.wait(args.duration if args.duration else None)
     except KeyboardInterrupt:
         pass
+    print("stopping ...", flush=True)
+    _stop_serving()
     return 0
+
+
+def _stop_serving(timeout_s: float = 5.0) -> None:
+    """The app, then Ray: Serve's own shutdown (it drains replicas) gets `timeout_s`, then `ray.shutdown()` stops the
+    local instance this command started (its raylet, GCS and workers). A second Ctrl-C ends it at once."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import threading
+
+    import ray
+    from ray import serve
+
+    done = threading.Thread(target=serve.shutdown, daemon=True)
+    done.start()
+    done.join(timeout_s)
+    ray.shutdown()
 
 
 if __name__ == "__main__":

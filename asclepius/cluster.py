@@ -19,9 +19,19 @@ WORKER_LOGS: dict = {"route": None}  # set by asclepius.console: what to do with
 
 def configure_worker_logging() -> None:
     """Ray's worker_process_setup_hook for the quiet console: our loggers in workers print their level and name, so
-    the driver can tell a warning (shown) from an info line (log file only)."""
+    the driver can tell a warning (shown) from an info line (log file only). It also names this worker's own Ray
+    instance in RAY_ADDRESS: code in a worker that finds "the" cluster by itself (Ray Train's placement-group cleaner
+    asks the state API) fails with "Found multiple active Ray instances" on a machine that runs another one."""
+    import os
     import sys
 
+    if not os.environ.get("RAY_ADDRESS"):
+        try:
+            import ray
+
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - not in a Ray worker: nothing to name
+            pass
     ours = logging.getLogger("asclepius")
     if not ours.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -60,14 +70,12 @@ def init_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> None:
     # Workers' output always comes to the driver (so `ray job logs` has the teacher's and training's warnings); the quiet
     # console routes it (WORKER_LOGS): warnings and errors on the console, everything in the log file.
     kwargs: dict = {"log_to_driver": True, "include_dashboard": cfg.include_dashboard}
-    runtime_env: dict = {}
+    runtime_env: dict = {"worker_process_setup_hook": "asclepius.cluster.configure_worker_logging"}
     if quiet:
         kwargs.update(logging_level=logging.WARNING, configure_logging=False)
-        runtime_env["worker_process_setup_hook"] = "asclepius.cluster.configure_worker_logging"
     if env:
         runtime_env["env_vars"] = dict(env)
-    if runtime_env:
-        kwargs["runtime_env"] = runtime_env
+    kwargs["runtime_env"] = runtime_env
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})

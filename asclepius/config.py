@@ -647,3 +647,40 @@ def placeholders(cfg: Config) -> list[str]:
     run_dir = cfg.run_dir.rstrip("/") + "/"
     derived = {f"serve.models.{i}.source" for i, m in enumerate(cfg.serve.models if cfg.serve else []) if m.source.startswith(run_dir)}
     return [f for f in found if f not in derived]  # a ${run_dir}/... source follows run_dir: only run_dir needs a value
+
+
+# The recipe's own values, by section (the other fields are how a run is placed and kept, not what it computes).
+RECIPE_FIELDS = {
+    "split": ("eval_fraction",),
+    "synthesize": ("temperature", "max_tokens_cap", "context_tokens", "limit", "keep_cut_off"),
+    "questions": ("temperature", "max_tokens", "context_tokens", "limit", "similarity_threshold", "seed_examples", "pool_examples"),
+    "answers": ("temperature", "max_tokens", "context_tokens", "limit"),
+    "pretrain": ("epochs", "lr", "weight_decay", "warmup_ratio", "lr_scheduler", "global_batch", "max_len", "bf16", "max_steps",
+                 "adam_betas", "adam_eps", "gradient_clipping"),
+    "finetune": ("epochs", "lr", "weight_decay", "warmup_ratio", "lr_scheduler", "global_batch", "global_batch_unit", "max_len", "bf16", "max_steps",
+                 "adam_betas", "adam_eps", "gradient_clipping"),
+}  # fmt: skip
+RECIPE_BASE = "LLaMA-7B"
+
+
+def recipe_departures(cfg: Config) -> list[str]:
+    """Every recipe value this config changes, as `section.field=value (recipe: value)`: the one list a demo or a
+    preset's departures are read from (the console, the evaluation report)."""
+    recipe = config_from_dict({"run_dir": cfg.run_dir, "notes": cfg.notes.model_dump()})
+    out = []
+    for section, fields in RECIPE_FIELDS.items():
+        ours, theirs = getattr(cfg, section), getattr(recipe, section)
+        for name in fields:
+            if hasattr(ours, name) and getattr(ours, name) != getattr(theirs, name):
+                out.append(f"{section}.{name}={_plain(getattr(ours, name))} (recipe: {_plain(getattr(theirs, name))})")
+    if cfg.model is not None and "llama-7b" not in cfg.model.base.lower():
+        out.insert(0, f"model.base={cfg.model.base} (recipe: {RECIPE_BASE})")
+    if cfg.evaluate is not None:
+        for c in cfg.evaluate.candidates:
+            if c.generation != "recipe" or c.max_tokens is not None:
+                out.append(f"evaluate.{c.name}: generation {c.generation}, max_tokens {c.max_tokens} (recipe: sampling, 400)")
+    return out
+
+
+def _plain(value: Any) -> str:
+    return json.dumps(list(value)) if isinstance(value, tuple) else str(value)

@@ -120,10 +120,8 @@ def sample_answer(cfg) -> str | None:
     bundled sample: the rule that no note text is ever printed holds for real data."""
     if not all(s.path.startswith("sample:") for s in cfg.notes.sources):
         return None
-    from asclepius.models import load_model, load_tokenizer, text_prompt_ids
     from asclepius.recipe import load_recipe
     from asclepius.run import RunDir
-    from asclepius.serve.engine import Engine, GenRequest
     from asclepius.storage import local_copy
 
     run = RunDir.open(cfg.run_dir)
@@ -136,16 +134,37 @@ def sample_answer(cfg) -> str | None:
         return None
     note = notes.iloc[0]
     question = load_recipe().tasks[7].seed_questions[1]  # a Question Answering seed question
+    return (f"\nthe fine-tuned model on a bundled fictional note ({note.note_id}):\n  question: {question}\n"
+            f"  answer:   {shown_answer(model_answer(model_dir, note.text, question))}\n"
+            f"(a 135M model after a few CPU steps: the machinery is real, the answer is not clinical advice)")  # fmt: skip
+
+
+def model_answer(model_dir: str, note: str, question: str, max_tokens: int = 96) -> str:
+    """The model's answer as /v1/answer gives it to people: greedy, ending at the recipe's prompt markers, a loop cut
+    to one copy."""
     from transformers.utils import logging as hf_logging
+
+    from asclepius.models import load_model, load_tokenizer, text_prompt_ids
+    from asclepius.recipe import load_recipe
+    from asclepius.serve.engine import Engine, GenRequest
+    from asclepius.serve.schemas import PROMPT_MARKERS
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: not for the newcomer's screen
     tok = load_tokenizer(model_dir)
-    prompt = load_recipe().model_prompt.format(note=note.text.strip("\n"), question=question)
-    text, _, _ = Engine(load_model(model_dir), tok).generate([GenRequest(text_prompt_ids(tok, prompt), 96, temperature=0)])[0]
-    # the whole answer, its lines under one another (blank lines dropped: a small model's answer has many)
-    answer = "\n            ".join(line.rstrip() for line in text.strip().splitlines() if line.strip()) or "(empty)"
-    return (f"\nthe fine-tuned model on a bundled fictional note ({note.note_id}):\n  question: {question}\n"
-            f"  answer:   {answer}\n(a 135M model after a few CPU steps: the machinery is real, the answer is not clinical advice)")  # fmt: skip
+    prompt = load_recipe().model_prompt.format(note=note.strip("\n"), question=question)
+    request = GenRequest(text_prompt_ids(tok, prompt), max_tokens, temperature=0, stop=list(PROMPT_MARKERS), cut_repetition=True)
+    return Engine(load_model(model_dir), tok).generate([request])[0][0]
+
+
+def shown_answer(text: str, width: int = 96, max_lines: int = 4) -> str:
+    """An answer as the console shows it: blank lines dropped, wrapped, at most `max_lines` lines (then "…")."""
+    import textwrap
+
+    lines = [part for line in text.strip().splitlines() if line.strip() for part in textwrap.wrap(line.strip(), width)]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += " …"
+    return "\n            ".join(lines) or "(empty)"
 
 
 def _route_native_stderr(log_file: str | None) -> None:

@@ -59,3 +59,45 @@ def test_every_stage_has_a_ray_job_entrypoint():
         assert re.search(rf'stage_job\("{stage}"\)', jobs[stage]), stage
     assert 'main(["run", *sys.argv[1:]])' in jobs["pipeline"] and 'main(["serve", *sys.argv[1:]])' in jobs["serve"]
     assert all(len(text.splitlines()) < 60 for text in jobs.values())  # thin entrypoints
+
+
+def test_serve_stops_on_ctrl_c_within_seconds_and_leaves_no_process(tmp_path):
+    """As a user meets it: started in the background (it inherits SIGINT ignored, as `asclepius serve &` does), then
+    SIGINT. It must stop within ~10 s, and nothing it started (Ray's GCS, raylet, workers, agents) may be left."""
+    import os
+    import signal
+    import time
+
+    from asclepius.testing.server_process import free_port
+
+    cfg = {"run_dir": str(tmp_path / "run"), "ray": {"num_cpus": 2}, "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]},
+           "serve": {"host": "127.0.0.1", "port": free_port(), "models": [{"name": "tiny", "source": "tiny", "num_cpus": 0.5}]}}  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "asclepius.cli", "serve", "--config", str(tmp_path / "cfg.yaml")], cwd=ROOT,
+                            env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("serving ["):
+                break
+        assert proc.poll() is None, "".join(seen)[-3000:]
+        sent = time.time()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        took = time.time() - sent
+        assert proc.returncode == 0 and took < 12, (proc.returncode, took)
+        deadline = time.time() + 10
+        while time.time() < deadline:  # what the command started runs in its session: all of it must be gone
+            left = subprocess.run(["ps", "-s", str(proc.pid), "-o", "pid=,stat=,comm="], capture_output=True, text=True).stdout.split("\n")
+            left = [p for p in left if p.strip() and " Z" not in p]  # zombies are already dead
+            if not left:
+                break
+            time.sleep(0.5)
+        assert not left, left
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -82,3 +82,16 @@ def test_the_configuration_reference_is_current():
     assert doc == reference(), "docs/configuration.md is stale: python -m asclepius.config_doc > docs/configuration.md"
     for field in ("rate_accounting", "batch_zero_retention_agreement", "global_batch_unit", "guided_choice", "credentialed"):
         assert f"`{field}`" in doc
+
+
+def test_every_departure_from_the_recipe_is_listed():
+    from asclepius.config import recipe_departures
+
+    ROOT = Path(__file__).resolve().parents[1]
+    demo = recipe_departures(load_config(ROOT / "configs" / "demo.yaml"))
+    assert "model.base=smollm2 (recipe: LLaMA-7B)" in demo and "finetune.lr=0.0002 (recipe: 2e-05)" in demo
+    assert "finetune.max_steps=12 (recipe: None)" in demo and any(d.startswith("evaluate.teacher: generation greedy") for d in demo)
+    changed = recipe_departures(load_config(ROOT / "configs" / "demo.yaml", ["questions.similarity_threshold=0.5"]))
+    assert set(changed) - set(demo) == {"questions.similarity_threshold=0.5 (recipe: 0.7)"}
+    # the recipe's own preset holds out 1 % (the recipe's 5 % of 60k notes is more than a judge needs)
+    assert recipe_departures(load_config(ROOT / "configs" / "asclepius-7b.yaml")) == ["split.eval_fraction=0.01 (recipe: 0.05)"]

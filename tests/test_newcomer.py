@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,9 @@ def test_the_console_is_quiet_and_every_stage_shows(tmp_path):
         quiet = run_cli(["run", "--config", str(tmp_path / "cfg.yaml")], tmp_path)
         assert quiet.returncode == 0, quiet.stderr[-3000:]
         lines = (quiet.stdout + quiet.stderr).strip().splitlines()
-        assert len(lines) <= 40, "\n".join(lines)
+        # progress lines come every progress_every_s (1 s here), so their number follows the machine's speed
+        progress = [line for line in lines if re.match(r"teacher \S+: \d+/\d+ rows done", line)]
+        assert len(lines) - len(progress) <= 40, "\n".join(lines)
         text = "\n".join(lines)
         for stage in STAGES:
             assert any(line.startswith(f"{stage}:") for line in lines), stage  # every stage's summary

@@ -90,3 +90,25 @@ def position_bias(scores: pd.DataFrame) -> dict:
         "share": round(float(per_item.mean()), 4),
         "per_model_mean_difference": {m: round(float(g["diff"].mean()), 4) for m, g in diff.groupby("model", sort=False)},
     }
+
+
+def judge_signal(scores: pd.DataFrame) -> dict:
+    """What the judgements can say however weak the judge: how many different score sets it gave, its most common
+    one, and how often the answer shown first scored higher than the one shown second (and the reverse, and ties).
+    A judge that gives every judgement the same scores, or always prefers one position, says nothing about the models."""
+    empty = {"judgements": 0, "distinct": 0, "most_common": None, "most_common_share": None, "first_higher": 0, "second_higher": 0, "ties": 0}
+    if "agent" not in scores:  # scores without the positions they were shown in (a dataset's own)
+        return empty
+    judged = scores[(scores.order != "no answer") & scores.score.notna() & scores.agent.notna()]
+    # one judgement: an item's answers in one order, its scores by the position they were shown in (agent A, B, ...)
+    sets = judged.sort_values("agent").groupby(["item_id", "order"], sort=False)["score"].apply(lambda s: tuple(int(x) for x in s))
+    sets = sets[sets.map(len) >= 2]
+    if sets.empty:
+        return empty
+    counts = sets.value_counts()
+    return {
+        "judgements": int(len(sets)), "distinct": int(len(counts)),
+        "most_common": " ".join(str(x) for x in counts.index[0]), "most_common_share": round(float(counts.iloc[0] / len(sets)), 4),
+        "first_higher": int(sum(s[0] > s[1] for s in sets)), "second_higher": int(sum(s[0] < s[1] for s in sets)),
+        "ties": int(sum(s[0] == s[1] for s in sets)),
+    }  # fmt: skip

@@ -81,15 +81,36 @@ def plot_histogram(dist: pd.DataFrame, path: str) -> None:
     plt.close(fig)
 
 
+def signal_lines(signal: dict, bias: dict, lengths: dict) -> list[str]:
+    """What the judgements say whatever the judge: its score sets, its position preference, the two orders'
+    agreement, and the answers' lengths — the honest part of a weak judge's report."""
+    if not signal.get("judgements"):
+        return ["no judgement compared two answers"]
+    first = (f"{signal['distinct']} different score set(s) over {signal['judgements']} judgements, \"{signal['most_common']}\" in "
+             f"{signal['most_common_share']:.0%} of them" + (": the same every time, saying nothing about the models" if signal["distinct"] == 1 else ""))
+    second = f"the answer shown first scored higher {signal['first_higher']} times, the one shown second {signal['second_higher']}, ties {signal['ties']}"
+    if bias.get("share") is not None:
+        second += f"; both orders agree on {1 - bias['share']:.0%} of {bias['items_judged_twice']} items"
+    known = {m: v for m, v in lengths.items() if v is not None}
+    if known:
+        second += "; answers average " + ", ".join(f"{m} {v:.0f}" for m, v in known.items()) + " tokens"
+    return [first, second]
+
+
 def markdown(*, models: pd.DataFrame, tasks: pd.DataFrame, dist: pd.DataFrame, pairs: pd.DataFrame, bias: dict,
-             lengths: dict, counts: dict, costs: dict, judge: str, dataset: str, reverse: bool) -> str:  # fmt: skip
+             lengths: dict, counts: dict, costs: dict, judge: str, dataset: str, reverse: bool, signal: dict | None = None,
+             departures: list[str] | None = None) -> str:  # fmt: skip
     lines = ["# Evaluation report", ""]
     lines.append(f"Judge: **{judge}**, the recipe's prompt, temperature 0. Evaluation set: {dataset}, "
                  f"{counts['items']} items.")  # fmt: skip
+    if departures:
+        lines += ["", "Settings of this run that depart from the recipe's: " + "; ".join(f"`{d}`" for d in departures) + "."]
     if not is_gpt4_class(judge):
         lines += ["", f"> **Warning:** the judge `{judge}` is not a GPT-4-class model. The recipe's judge was GPT-4; a weaker "
                       "judge's scores are noisy and biased (towards long answers, towards the first position). Read these "
                       "numbers as a check that the machinery works, not as a measure of the models."]  # fmt: skip
+    if signal is not None:
+        lines += ["", "## What the judgements say", ""] + [f"- {line}" for line in signal_lines(signal, bias, lengths)]
     lines += ["", "## Per model", "", "| model | mean score | 95% CI | scored items | answers missing | unscored | mean answer length (tokens) |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in models.itertuples():
@@ -145,6 +166,6 @@ def build(scores: pd.DataFrame, lengths: dict, counts: dict, costs: dict, judge:
         "tasks": aggregate.per_task(items, samples, seed),
         "dist": aggregate.distribution(scores),
         "pairs": aggregate.pairwise(items),
-        "bias": aggregate.position_bias(scores),
+        "bias": aggregate.position_bias(scores), "signal": aggregate.judge_signal(scores),
         "lengths": lengths, "counts": counts, "costs": costs, "judge": judge, "dataset": dataset, "reverse": reverse,
     }  # fmt: skip

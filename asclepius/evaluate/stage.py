@@ -33,9 +33,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from asclepius.config import CandidateConfig, Config, TeacherConfig
+from asclepius.config import CandidateConfig, Config, TeacherConfig, recipe_departures
 from asclepius.decontamination import check_not_trained_on
 from asclepius.evaluate import report as reporting
+from asclepius.evaluate.report import is_gpt4_class, signal_lines
 from asclepius.evaluate.dataset import EvalDatasetError, items_from_file, items_from_run
 from asclepius.evaluate.judge import LABELS, agent_order, judge_prompt, parse_scores, repair_message
 from asclepius.recipe import load_recipe
@@ -106,7 +107,8 @@ def answer_requests(cfg: Config, items: pd.DataFrame, c: CandidateConfig) -> pd.
                "seed": int(stable_fraction(cfg.seed, f"evaluate:{c.name}:{r.item_id}") * 2**31)}  # fmt: skip
         if c.api == "answer":
             row["messages"] = "[]"
-            row["answer_request"] = json.dumps({"note": note, "question": question}, ensure_ascii=False)
+            # the recipe's evaluation settings: no stop sequences, no repetition cut (/v1/answer's defaults for people)
+            row["answer_request"] = json.dumps({"note": note, "question": question, "stop": [], "cut_repetition": False}, ensure_ascii=False)
         else:
             row["messages"] = user_messages(recipe.model_prompt.format(note=note, question=question))
         rows.append(row)
@@ -275,14 +277,15 @@ def evaluate(ctx: StageRun) -> dict:
             if os.path.exists(os.path.join(tmp, name)):
                 with ctx.run.fs.open_output_stream(posixpath.join(out, name)) as f:
                     f.write(Path(tmp, name).read_bytes())
-    text = reporting.markdown(**numbers)
+    text = reporting.markdown(**numbers, departures=recipe_departures(cfg))
     with ctx.run.fs.open_output_stream(posixpath.join(out, "report.md")) as f:
         f.write(text.encode())
     per_model = {r.model: {"mean": _num(r.mean), "ci95": [_num(r.ci_low), _num(r.ci_high)], "scored_items": r.scored_items,
                            "items": r.items, "missing_answers": report_counts["missing_answers"][r.model],
                            "mean_answer_tokens": _num(lengths[r.model])} for r in numbers["models"].itertuples()}  # fmt: skip
     summary = {"models": per_model, "judge": judge.model, "items": len(items), "counts": {k: v for k, v in counts.items()},
-               "position_bias": numbers["bias"], "decontamination": decontamination, "costs": costs}  # fmt: skip
+               "position_bias": numbers["bias"], "judge_signal": numbers["signal"], "decontamination": decontamination,
+               "costs": costs}  # fmt: skip
     with ctx.run.fs.open_output_stream(posixpath.join(out, "summary.json")) as f:
         f.write(json.dumps(summary, indent=1).encode())
     return {**summary, "dataset": described, "report": uri_join(ctx.output_uri("eval"), "report.md"), "seconds": round(time.time() - started, 2)}
@@ -298,6 +301,10 @@ def format_summary(entry: dict) -> str:
     line = (f"evaluate: {entry['items']} items judged by {entry['judge']}: mean score (95% CI) " + "; ".join(parts)
             + f"\n  unscored {entry['counts'].get('unscored', 0)}, re-asked {entry['counts'].get('reasked', 0)}"
             + (f", position bias {bias:.0%}" if bias is not None else "") + f"; report {entry['report']}")  # fmt: skip
+    if not is_gpt4_class(entry["judge"]) and entry.get("judge_signal"):
+        lengths = {m: v.get("mean_answer_tokens") for m, v in entry["models"].items()}
+        said = signal_lines(entry["judge_signal"], entry["position_bias"], lengths)
+        line += "\n  a weak judge's judgements: " + "\n  ".join(said)
     return line
 
 

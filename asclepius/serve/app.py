@@ -127,6 +127,7 @@ class Ingress:
                     "stop": getattr(body, "stops", []), "seed": seed, "request_id": f"{request_id}/{p}/{i}", "allowed": prep.get("allowed"),
                     "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "logit_bias": body.bias() if hasattr(body, "bias") else {},
                     "frequency_penalty": getattr(body, "frequency_penalty", 0.0), "presence_penalty": getattr(body, "presence_penalty", 0.0),
+                    "cut_repetition": getattr(body, "cut_repetition", False),
                 })  # fmt: skip
         return specs
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from asclepius.serve.schemas import REPEATS  # a span generated this many times in a row is a loop, not an answer
+
 log = logging.getLogger("asclepius.serve")
 
 
@@ -57,10 +59,27 @@ class GenRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    cut_repetition: bool = False  # end a degenerate loop (REPEATS copies of the same tokens) and keep one copy
 
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + self.max_new_tokens
+
+
+LONGEST_LOOP = 128  # tokens: the longest repeated span looked for
+
+
+def loop_period(tokens: list[int], repeats: int = REPEATS, longest: int = LONGEST_LOOP) -> int:
+    """The length p of a span the tokens end with `repeats` times in a row (the shortest such), else 0. A model
+    that says the same line (or phrase) over and over says nothing more by going on."""
+    n, last = len(tokens), tokens[-1] if tokens else None
+    for p in range(1, min(longest, n // repeats) + 1):
+        if tokens[-1 - p] != last:  # cheap reject: the last token must recur one period back
+            continue
+        tail = tokens[n - p :]
+        if all(tokens[n - (k + 1) * p : n - k * p] == tail for k in range(1, repeats)):
+            return p
+    return 0
 
 
 @dataclass
@@ -74,7 +93,7 @@ class TokenLogprob:
 class GenChunk:
     text: str  # new text since the previous chunk
     completion_tokens: int  # generated so far
-    finish_reason: str | None = None  # "stop" or "length" on the last chunk, "error" if this request failed
+    finish_reason: str | None = None  # "stop", "length" (or "repetition", when cut) on the last chunk, "error" if it failed
     logprobs: list[TokenLogprob] = field(default_factory=list)  # for the tokens whose text is in this chunk
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk, if asked
     error: str | None = None
@@ -138,6 +157,9 @@ class _Row:
             self.counts[token] = self.counts.get(token, 0) + 1
             if logprob is not None:
                 self.pending_logprobs.append(logprob)
+        if finish is None and self.req.cut_repetition and (period := loop_period(self.tokens)):
+            del self.tokens[len(self.tokens) - (REPEATS - 1) * period :]  # one copy stays
+            finish = "repetition"
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         for stop in self.req.stop:
             at = text.find(stop, max(0, self.sent - len(stop)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 
@@ -49,6 +50,8 @@ class ModelServer:
         configure_replica_logging()
         self.cfg = cfg
         device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # transformers may import DeepSpeed, which warns that it found no GPU: it is not meant to
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Ray gives a worker one thread per reserved CPU (OMP_NUM_THREADS); torch_threads can use more of a node
         # than the replica reserves, leaving CPUs to schedule other work on.
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
@@ -148,6 +151,7 @@ class ModelServer:
             seed=s["seed"], request_id=s["request_id"], allowed=s.get("allowed"), logprobs=s.get("logprobs"),
             prompt_logprobs=s.get("prompt_logprobs"), logit_bias=s.get("logit_bias") or {},
             frequency_penalty=s.get("frequency_penalty", 0.0), presence_penalty=s.get("presence_penalty", 0.0),
+            cut_repetition=s.get("cut_repetition", False),
         ) for s in specs]  # fmt: skip
 
     async def generate(self, specs: list[dict]):

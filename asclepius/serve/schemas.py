@@ -13,6 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 INT64 = 2**63
+# The recipe's model prompt frames a note and an instruction with these; an answer that reaches one has ended
+# (a small model goes on writing prompts). The default stop sequences of /v1/answer.
+PROMPT_MARKERS = ("[Discharge Summary Begin]", "[Discharge Summary End]", "[Instruction Begin]", "[Instruction End]")
+REPEATS = 3  # /v1/answer's cut_repetition: a span generated this many times in a row is a loop (asclepius.serve.engine)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (a batch of prompts × n counts against the queue)
 Text = Annotated[str, Field(max_length=2_000_000)]
 
@@ -211,3 +215,18 @@ class AnswerRequest(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     echo_prompt: bool = False
+    stop: list[Text] | None = Field(None, max_length=8, description="Stop sequences. Default: the recipe's prompt "
+                                    "markers, so an answer ends where the model would start a new prompt; [] for none.")
+    cut_repetition: bool = Field(True, description=f"End the answer when the same tokens come {REPEATS} times in a row, "
+                                 "keeping one copy (finish_reason 'repetition'). Stage 8 turns it off: the recipe's settings.")
+
+    @field_validator("stop")
+    @classmethod
+    def _answer_stops(cls, v):
+        if v is not None and any(not s or len(s) > 256 for s in v):
+            raise ValueError("a stop sequence must be 1 to 256 characters")
+        return v
+
+    @property
+    def stops(self) -> list[str]:
+        return list(PROMPT_MARKERS) if self.stop is None else list(self.stop)

@@ -314,6 +314,9 @@ class TeacherClient:
             for name in ("top_p", "seed"):
                 if getattr(req, name) is not None:
                     body[name] = getattr(req, name)
+            for name in ("stop", "cut_repetition"):  # the caller's generation settings, when it states them
+                if name in req.answer:
+                    body[name] = req.answer[name]
             # the openai client's own request path (auth, timeouts, errors as APIStatusError), JSON read here; our
             # app sends no rate-limit headers, so none are lost by reading the body as text
             data = json.loads(await self.client.post("/answer", cast_to=str, body=body, options={"headers": headers}))

@@ -310,9 +310,9 @@ def fit(ctx: StageRun, source: str, stats: dict, rows_per_batch: int) -> dict:
 
 
 class _TrainingProgress:
-    """A console line every ~10 s from rank 0's metrics file (the workers' own logs stay in Ray's files)."""
+    """A console line every ~30 s from rank 0's metrics file (the workers' own logs stay in Ray's files)."""
 
-    def __init__(self, stage: str, metrics_file: str, steps_per_epoch: int, hp: TrainHyperparams, every_s: float = 10.0):
+    def __init__(self, stage: str, metrics_file: str, steps_per_epoch: int, hp: TrainHyperparams, every_s: float = 30.0):
         import math
         import threading
 

@@ -87,3 +87,26 @@ def test_report_files_hold_the_tables_numbers(tmp_path):
     assert not reporting.is_gpt4_class("smollm2-135m-instruct") and reporting.is_gpt4_class("gpt-4o-2024-08-06")
     assert not reporting.is_gpt4_class("gpt-4o-mini") and reporting.is_gpt4_class("gpt-4.1")
     assert reporting.summary_line(numbers["models"]).startswith("evaluate: mean judge score (95% CI): A 3.12 [")
+
+
+def test_what_a_weak_judges_judgements_say():
+    """A judge that answers "1 2" every time prefers a position and says nothing about the models; the report says that."""
+    import pandas as pd
+
+    from asclepius.evaluate.aggregate import judge_signal
+    from asclepius.evaluate.report import signal_lines
+
+    rows = []
+    for item in range(4):
+        for order, agents in (("forward", ["teacher", "finetuned"]), ("reversed", ["finetuned", "teacher"])):
+            for k, model in enumerate(agents):
+                rows.append({"item_id": item, "task": "t", "model": model, "order": order, "agent": "AB"[k], "score": [1.0, 2.0][k]})
+    scores = pd.DataFrame(rows)
+    signal = judge_signal(scores)
+    assert signal == {"judgements": 8, "distinct": 1, "most_common": "1 2", "most_common_share": 1.0, "first_higher": 0,
+                      "second_higher": 8, "ties": 0}  # fmt: skip
+    text = "\n".join(signal_lines(signal, {"share": 1.0, "items_judged_twice": 4}, {"teacher": 40.2, "finetuned": 12.0}))
+    assert "the same every time, saying nothing about the models" in text
+    assert "the one shown second 8, ties 0" in text and "both orders agree on 0% of 4 items" in text and "finetuned 12 tokens" in text
+    scores.loc[(scores.item_id == 0) & (scores.order == "forward"), "score"] = [3.0, 3.0]
+    assert judge_signal(scores)["distinct"] == 2 and judge_signal(scores)["ties"] == 1

@@ -202,3 +202,33 @@ def test_the_engine_thread_serves_concurrent_submitters(parts):
         t.join()
     eng.stop()
     assert len(results) == 6 and time.time() - started < 60 and max(eng.batches) > 1
+
+
+def test_a_degenerate_loop_is_cut_to_one_copy_when_asked(engine):
+    from asclepius.serve.engine import loop_period
+
+    assert loop_period([5, 1, 2, 3, 1, 2, 3, 1, 2, 3]) == 3 and loop_period([7, 7, 7]) == 1
+    assert loop_period([1, 2, 3, 1, 2, 3]) == 0 and loop_period([1, 2, 3, 4, 1, 2, 3, 5]) == 0  # twice is not a loop
+    eng, tok = engine
+    (p,) = prompts(tok, ["Say it again."])
+    phrase = list(tok("oxygen saturation", add_special_tokens=False)["input_ids"])
+    # the bias makes the tiny model say the phrase's tokens over and over
+    bias = {t: 100.0 for t in phrase}
+    looped, n_looped, reason_looped = eng.generate([GenRequest(p, 40, temperature=0, logit_bias=bias)])[0]
+    cut, n_cut, reason = eng.generate([GenRequest(p, 40, temperature=0, logit_bias=bias, cut_repetition=True)])[0]
+    assert reason_looped == "length" and n_looped == 40
+    assert reason == "repetition" and n_cut < 40 and looped.startswith(cut) and cut
+    assert loop_period(list(tok(cut, add_special_tokens=False)["input_ids"])) == 0  # what is left does not loop
+
+
+def test_the_answer_endpoint_stops_at_the_recipes_prompt_markers_by_default():
+    from asclepius.recipe import load_recipe
+    from asclepius.serve.schemas import PROMPT_MARKERS, AnswerRequest
+
+    assert all(marker in load_recipe().model_prompt for marker in PROMPT_MARKERS)
+    default = AnswerRequest.model_validate({"note": "n", "question": "q"})
+    assert default.stops == list(PROMPT_MARKERS) and default.cut_repetition
+    recipe = AnswerRequest.model_validate({"note": "n", "question": "q", "stop": [], "cut_repetition": False})
+    assert recipe.stops == [] and not recipe.cut_repetition  # what stage 8 sends: the recipe's settings
+    with pytest.raises(ValueError):
+        AnswerRequest.model_validate({"note": "n", "question": "q", "stop": [""]})

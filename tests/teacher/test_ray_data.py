@@ -50,7 +50,8 @@ def test_dataset_in_responses_out_and_resubmit_is_free(ray_local, server, tmp_pa
     assert "note 3" not in caplog.text  # no prompt text in logs
 
     scan = scan_ledger(ledger_dir)
-    assert len(scan.records) == 40 and scan.files == 2  # one part per actor
+    # one part per actor that took rows: 2 actors, though on a loaded machine the first can take them all
+    assert len(scan.records) == 40 and scan.files in (1, 2)
 
     sent = len(server.stats()["requests"])
     plan2 = plan_requests(ds, cfg, "questions", ledger_dir)
