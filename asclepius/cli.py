@@ -268,20 +268,20 @@ def _serve(cfg, args) -> int:
     return 0
 
 
-def _stop_serving(timeout_s: float = 5.0) -> None:
-    """The app, then Ray: Serve's own shutdown (it drains replicas) gets `timeout_s`, then `ray.shutdown()` stops the
-    local instance this command started (its raylet, GCS and workers). A second Ctrl-C ends it at once."""
+def _stop_serving() -> None:
+    """Stop what `serve` started. A local Ray instance of its own: `ray.shutdown()` stops it whole (GCS, raylet,
+    Serve's controller, proxy and replicas) in seconds. A cluster it joined: the app is deleted there first (it is
+    detached and would outlive this command), then this driver disconnects. A second Ctrl-C ends it at once."""
     import signal
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    import threading
 
     import ray
     from ray import serve
 
-    done = threading.Thread(target=serve.shutdown, daemon=True)
-    done.start()
-    done.join(timeout_s)
+    from asclepius.cluster import started_here
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not started_here():
+        serve.shutdown()
     ray.shutdown()
 
 

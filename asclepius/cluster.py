@@ -25,13 +25,8 @@ def configure_worker_logging() -> None:
     import os
     import sys
 
-    if not os.environ.get("RAY_ADDRESS"):
-        try:
-            import ray
-
-            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        except Exception:  # noqa: BLE001 - not in a Ray worker: nothing to name
-            pass
+    if not os.environ.get("RAY_ADDRESS") and ray.is_initialized():  # (get_runtime_context() would start Ray otherwise)
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     ours = logging.getLogger("asclepius")
     if not ours.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -24,7 +24,7 @@ def job(run_dir: Path, server_url: str, key_file: Path, *extra: str) -> list[str
     overrides = [
         f"run_dir={run_dir}", "ray.address=auto", "teacher_from_serve=null", f"teacher.base_url={server_url}",
         f"teacher.api_key_file={key_file}", "model.base=tiny", "teacher.actor_resources={train_node: 1}",
-        "pretrain.resources_per_worker={train_node: 1}", "finetune.resources_per_worker={train_node: 1}", *extra,
+        "pretrain.resources_per_worker={train_node: 1}", "finetune.resources_per_worker={train_node: 1}", "finetune.max_steps=2", *extra,
     ]  # fmt: skip
     stages = [a for s in STAGES for a in ("--stage", s)]
     return ["python", "ray_jobs/pipeline.py", "--config", "configs/demo.yaml", *stages, *overrides]

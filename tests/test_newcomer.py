@@ -21,7 +21,7 @@ STAGES = ["notes", "synthesize", "split", "questions", "answers", "eval_question
 def demo_like(tmp_path, server):
     """The demo's data and stages up to evaluation, with the test server as teacher and judge (fast)."""
     teacher = {"provider": "openai_compatible", "base_url": server.base_url, "model": "test-teacher", "requests_per_minute": 100000,
-               "tokens_per_minute": 10**9, "num_actors": 1, "max_attempts": 2, "timeout_s": 30, "progress_every_s": 1.0}  # fmt: skip
+               "tokens_per_minute": 10**9, "num_actors": 1, "max_attempts": 2, "timeout_s": 30, "progress_every_s": 0.2}  # fmt: skip
     return {
         "run_dir": str(tmp_path / "run"), "ray": {"num_cpus": 2},
         "notes": {"sources": [{"kind": "mimic3", "path": "sample:mimic3"}, {"kind": "mimic4", "path": "sample:mimic4"},
@@ -43,7 +43,7 @@ def test_the_console_is_quiet_and_every_stage_shows(tmp_path):
         quiet = run_cli(["run", "--config", str(tmp_path / "cfg.yaml")], tmp_path)
         assert quiet.returncode == 0, quiet.stderr[-3000:]
         lines = (quiet.stdout + quiet.stderr).strip().splitlines()
-        # progress lines come every progress_every_s (1 s here), so their number follows the machine's speed
+        # progress lines come every progress_every_s (0.2 s here), so their number follows the machine's speed
         progress = [line for line in lines if re.match(r"teacher \S+: \d+/\d+ rows done", line)]
         assert len(lines) - len(progress) <= 40, "\n".join(lines)
         text = "\n".join(lines)

@@ -247,7 +247,7 @@ def test_pipeline_in_s3_as_aws_enforces_it(tmp_path):
         overrides = [
             f"run_dir={uri}", f"storage.endpoint_url={server.endpoint_url}", "teacher_from_serve=null", "model.base=tiny",
             "serve.models=[{name: tiny-base, source: tiny, num_cpus: 0.5}]", f"serve.port={free_port()}",
-            "pretrain.max_steps=1", "finetune.num_workers=2", "evaluate=null", *sources,
+            "pretrain.max_steps=1", "finetune.num_workers=2", "finetune.max_steps=2", "evaluate=null", *sources,
         ]  # fmt: skip
         stages = [a for s in STAGES for a in ("--stage", s)]
         with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.05, completion_tokens=30) as teacher:

@@ -44,7 +44,7 @@ class Cluster:
         """node id → the custom resources it offers ('head' when none), for the nodes alive now."""
         out = subprocess.run([sys.executable, "-c", _NODES, self.gcs_address], env=self.env, capture_output=True, text=True,
                              timeout=120, check=True)  # fmt: skip
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return _last_json(out.stdout)
 
     def status(self) -> str:
         """`ray status -v`: the autoscaler's view (nodes, pending demands, resource requests), for a failing test's message."""
@@ -55,13 +55,13 @@ class Cluster:
         """Every node the cluster has had (alive or gone): id, alive, the custom resources it offers."""
         out = subprocess.run([sys.executable, "-c", _ALL_NODES, self.gcs_address], env=self.env, capture_output=True, text=True,
                              timeout=120, check=True)  # fmt: skip
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return _last_json(out.stdout)
 
     def actors(self) -> list[dict]:
         """Every actor the cluster ran (alive or dead): class name and node id, from the state API."""
         out = subprocess.run([sys.executable, "-c", _ACTORS, self.dashboard_url], env=self.env, capture_output=True, text=True,
                              timeout=120, check=True)  # fmt: skip
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return _last_json(out.stdout)
 
 
 _NODES = """
@@ -146,3 +146,14 @@ def autoscaling_cluster(worker_types: dict[str, dict[str, float]], max_workers: 
     finally:
         kill_ray_processes_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _last_json(stdout: str):
+    """The JSON line a helper printed last: a worker's log line forwarded to the driver may come after it."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith(("[", "{")):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise ValueError(f"no JSON line in the helper's output: {stdout[-500:]!r}")

@@ -108,11 +108,20 @@ class LoopResult:
     history: list[dict]
 
 
+def _free_port() -> int:
+    """A port nobody listens on now (a pid-based one collided with another process's on a busy machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _init_distributed_if_needed() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():  # a local run: a world of one (nccl on a GPU, as under Ray Train)
-        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000)), ("RANK", "0"),
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                             ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # fmt: skip
             os.environ.setdefault(name, value)  # DeepSpeed's engine asks for LOCAL_RANK
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
