@@ -16,6 +16,12 @@ INT64 = 2**63
 # The recipe's model prompt frames a note and an instruction with these; an answer that reaches one has ended
 # (a small model goes on writing prompts). The default stop sequences of /v1/answer.
 PROMPT_MARKERS = ("[Discharge Summary Begin]", "[Discharge Summary End]", "[Instruction Begin]", "[Instruction End]")
+def _check_stop_lengths(stops: list[str]) -> None:
+    """One rule for every endpoint's stop sequences."""
+    if any(not s or len(s) > 256 for s in stops):
+        raise ValueError("a stop sequence must be 1 to 256 characters")
+
+
 REPEATS = 3  # /v1/answer's cut_repetition: a span generated this many times in a row is a loop (asclepius.serve.engine)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (a batch of prompts × n counts against the queue)
 Text = Annotated[str, Field(max_length=2_000_000)]
@@ -96,8 +102,7 @@ class _Sampling(Strict):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
-        if any(not s or len(s) > 256 for s in stops):
-            raise ValueError("a stop sequence must be 1 to 256 characters")
+        _check_stop_lengths(stops)
         return v
 
     @field_validator("logit_bias")
@@ -223,8 +228,7 @@ class AnswerRequest(Strict):
     @field_validator("stop")
     @classmethod
     def _answer_stops(cls, v):
-        if v is not None and any(not s or len(s) > 256 for s in v):
-            raise ValueError("a stop sequence must be 1 to 256 characters")
+        _check_stop_lengths(v or [])
         return v
 
     @property
