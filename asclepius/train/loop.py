@@ -109,7 +109,8 @@ class LoopResult:
 
 
 def _free_port() -> int:
-    """A port nobody listens on now (a pid-based one collided with another process's on a busy machine)."""
+    """A port nobody listens on now. Only a name here: DeepSpeed's CPU shared-memory op keys its segment on
+    MASTER_ADDR:MASTER_PORT; the rendezvous itself takes no port (see below)."""
     import socket
 
     with socket.socket() as s:
@@ -125,7 +126,9 @@ def _init_distributed_if_needed() -> None:
                             ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # fmt: skip
             os.environ.setdefault(name, value)  # DeepSpeed's engine asks for LOCAL_RANK
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1)
+        # An in-process store: a TCP store listening on a port picked earlier lost that port to another process
+        # on a busy machine (EADDRINUSE); a world of one has nobody to meet.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def make_optimizer(model, hp: TrainHyperparams, device: str):
