@@ -184,28 +184,73 @@ class LocalLimiter:
 
 
 class ActorLimiter:
-    """The cluster's one limiter, a named Ray actor shared by every worker."""
+    """The cluster's one limiter, a named Ray actor shared by every worker.
+
+    Calls are coalesced: while one call to the actor is in flight, the reservations (and, apart, the reports:
+    settle, release, feedback, finished) made meanwhile wait and go together in the next one. A request costs the
+    actor a fraction of a call instead of four (a self-hosted teacher answering hundreds a second made the
+    per-request round trips the pipeline's pace); a lone request still goes at once. Each call returns only once
+    the actor has applied it, as before."""
 
     def __init__(self, actor):
         self.actor = actor
+        self._reserve = Coalesced(lambda items: self.actor.reserve_many.remote(items))
+        self._report = Coalesced(lambda items: self.actor.apply.remote(items))
 
     async def reserve(self, tokens, completion_tokens=None):
-        return await self.actor.reserve.remote(tokens, completion_tokens)
+        return tuple(await self._reserve.submit((tokens, completion_tokens)))
+
+    async def _apply(self, name: str, *args) -> None:
+        error = await self._report.submit((name, args))
+        if error:
+            raise RuntimeError(f"the rate limiter refused {name}: {error}")
 
     async def settle(self, ticket, prompt_tokens, completion_tokens, cost=0.0, max_tokens=None):
-        await self.actor.settle.remote(ticket, prompt_tokens, completion_tokens, cost, max_tokens)
+        await self._apply("settle", ticket, prompt_tokens, completion_tokens, cost, max_tokens)
 
     async def finished(self, ok: bool):
-        await self.actor.finished.remote(ok)
+        await self._apply("finished", ok)
 
     async def release(self, ticket):
-        await self.actor.release.remote(ticket)
+        await self._apply("release", ticket)
 
     async def feedback(self, status, headers, retrying):
-        await self.actor.feedback.remote(status, headers, retrying)
+        await self._apply("feedback", status, headers, retrying)
 
     async def snapshot(self):
         return await self.actor.snapshot.remote()
+
+
+class Coalesced:
+    """Group commit for calls: `submit` an item; the items submitted while a `send` is in flight go together in
+    the next one. `send(items)` returns an awaitable of one result per item, in order."""
+
+    def __init__(self, send):
+        self.send = send
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def submit(self, item):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((item, future))
+        if self._flusher is None or self._flusher.done() or self._flusher.get_loop() is not loop:
+            self._flusher = loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self.send([item for item, _ in batch])
+            except BaseException as err:  # noqa: BLE001 — every waiter learns its call failed
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err if isinstance(err, Exception) else RuntimeError(str(err)))
+                continue
+            for (_, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(result)
 
 
 # ----------------------------------------------------------------------------------------------- requests

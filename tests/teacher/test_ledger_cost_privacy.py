@@ -57,6 +57,37 @@ def test_many_processes_write_at_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- cost
+def test_local_group_commit_fsyncs_once_per_group_off_the_event_loop(tmp_path, monkeypatch):
+    """Answers finishing while an fsync is in flight share the next one, and the loop never waits on the disk."""
+    import asyncio
+    import os
+    import threading
+
+    from asclepius.storage import AppendLog
+
+    syncs, loop_thread = [], threading.get_ident()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        syncs.append(threading.get_ident())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log = AppendLog(str(tmp_path / "ledger"), "part", writer_id="w1")
+
+    async def one(i):
+        await asyncio.sleep(i * 0.0002)
+        await log.commit({"key": f"k{i}", "status": "ok"})
+
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(300)))
+
+    asyncio.run(main())
+    assert 1 <= len(syncs) < 300 and loop_thread not in syncs
+    scan = scan_ledger(str(tmp_path / "ledger"))
+    assert len(scan.records) == 300 and scan.torn_lines == 0 and scan.files == 1
+
+
 def test_prices_and_estimate():
     assert price_for("gpt-4o-2024-08-06", {}, self_hosted=False) == (2.5, 10.0)  # a snapshot costs its family's
     assert price_for("gpt-4o-mini", {}, self_hosted=False) == (0.15, 0.6)  # not gpt-4o's

@@ -1,4 +1,6 @@
+import asyncio
 import random
+import time
 
 import pytest
 
@@ -174,3 +176,89 @@ def test_tokens_per_minute_counts_what_is_in_the_window_now():
     clock.t += 30
     lim.reserve(1000)  # starts once the first three leave the window, ~30 s from now
     assert lim.snapshot()["tokens_last_60s"] == 3000
+
+
+# ----------------------------------------------------------------------------------------------- coalesced calls
+def test_calls_made_while_one_is_in_flight_go_together_in_the_next():
+    from asclepius.teacher.client import Coalesced
+
+    sent: list[list] = []
+
+    async def send(items):
+        sent.append(list(items))
+        await asyncio.sleep(0.05)  # the actor's round trip
+        return [i * 10 for i in items]
+
+    async def main():
+        c = Coalesced(send)
+        first = asyncio.ensure_future(c.submit(1))  # a lone call goes at once
+        await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(c.submit(i)) for i in range(2, 50)]  # made while the first is in flight
+        return await asyncio.gather(first, *rest)
+
+    assert asyncio.run(main()) == [i * 10 for i in range(1, 50)]  # every caller gets its own result, in order
+    assert sent == [[1], list(range(2, 50))]
+
+
+def test_a_failed_call_fails_only_its_own_callers_and_the_next_goes_on():
+    from asclepius.teacher.client import Coalesced
+
+    calls = 0
+
+    async def send(items):
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        if calls == 1:
+            raise ConnectionError("actor lost")
+        return list(items)
+
+    async def main():
+        c = Coalesced(send)
+        a = asyncio.ensure_future(c.submit("a"))
+        await asyncio.sleep(0)
+        b = asyncio.ensure_future(c.submit("b"))
+        results = await asyncio.gather(a, b, return_exceptions=True)
+        return results, await c.submit("c")
+
+    (a, b), c = asyncio.run(main())
+    assert isinstance(a, ConnectionError) and b == "b" and c == "c"
+
+
+def test_the_actor_limiter_costs_a_fraction_of_a_call_per_request(ray_local):
+    """Hundreds of requests at once: a few calls to the actor, the same counts as one call each."""
+    import ray
+
+    from asclepius.teacher.client import ActorLimiter
+    from asclepius.teacher.limiter import limiter_actor
+
+    actor = limiter_actor(f"lim-coalesce-{time.time_ns()}", 1e7, 1e10, 0.99)
+    calls = {"reserve_many": 0, "apply": 0}
+
+    class Counting:  # counts the actor calls the client makes
+        def __getattr__(self, name):
+            method = getattr(actor, name)
+            if name in calls:
+                calls[name] += 1
+            return method
+
+    async def one(lim, i):
+        ticket, delay = await lim.reserve(100, 40)
+        assert delay == 0
+        await lim.settle(ticket, 60, 30, 0.001, 40)
+        await lim.feedback(200, {}, False)
+        await lim.finished(True)
+
+    async def main():
+        lim = ActorLimiter(Counting())
+        await asyncio.gather(*(one(lim, i) for i in range(300)))
+        ticket, _ = await lim.reserve(100, 40)
+        with pytest.raises(RuntimeError, match="refused settle"):  # a bad report fails its own caller only
+            await asyncio.gather(lim.settle(ticket, "many", 30), lim.release(ticket))
+        await lim.release(ticket)
+
+    asyncio.run(main())
+    snap = ray.get(actor.snapshot.remote())
+    assert snap["granted"] == 301 and snap["finished"] == 300 and snap["in_flight"] == 0
+    assert snap["completion_tokens"] == 300 * 30 and snap["cost_usd"] == pytest.approx(0.3)
+    assert calls["reserve_many"] + calls["apply"] < 300  # one call each would be 1,200
