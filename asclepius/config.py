@@ -425,13 +425,36 @@ class EvaluateConfig(StrictModel):
 
 # --------------------------------------------------------------------------------------------------- model/train
 class ModelConfig(StrictModel):
-    base: str = Field(description="HF model id, a local HF directory, `gguf:<file>`, `smollm2` or `tiny`.")
+    base: str = Field(description="HF model id, a local HF directory, `gguf:<file>`, `smollm2`, `tiny` (LLaMA-1-shaped) or "
+                      "`tiny-llama3` / `tiny-qwen2` / `tiny-mistral` (tests, quick runs; built locally).")
     tokenizer: str | None = Field(None, description="Tokenizer source; None uses `base`.")
-    use_fast_tokenizer: bool = False  # the recipe loads LLaMA's SentencePiece tokenizer with use_fast=False
+    use_fast_tokenizer: bool | None = Field(
+        None, description="None (auto): slow for a LLaMA-1/2 SentencePiece tokenizer (the recipe's use_fast=False), fast for "
+        "every current family (Llama-3, Qwen2, Mistral), as the model ships it; true/false force it.")  # fmt: skip
+
+
+class LoraSettings(StrictModel):
+    """LoRA's adapter (Hu et al., 2021) through peft: W + (alpha / rank) · B·A on the target modules."""
+
+    rank: int = Field(16, ge=1, description="r: the adapter's inner dimension.")
+    alpha: float = Field(32, gt=0, description="lora_alpha: the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get an adapter (every attention and MLP projection of LLaMA, Qwen2 and Mistral).")  # fmt: skip
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: the export is plain HF weights with the adapter folded in (served like any model); "
+        "adapter: the export is the adapter alone (adapter_config.json + weights), served on top of its base.")  # fmt: skip
 
 
 class TrainHyperparams(StrictModel):
     """Hyper-parameters of one training stage; defaults are filled from the recipe per stage."""
+
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="full: every parameter trains (the recipe). lora: only a LoRA adapter trains (peft); the base "
+        "stays frozen, so optimizer states and gradients cover ~1% of the parameters. qlora: lora over a 4-bit base "
+        "(bitsandbytes, GPU workers only).")  # fmt: skip
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
     epochs: float = Field(gt=0)
     lr: float = Field(gt=0)
@@ -474,6 +497,18 @@ class TrainHyperparams(StrictModel):
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Ray Train restarts from the latest checkpoint this often.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _qlora_needs_gpus(self):
+        if self.method == "qlora" and self.lora.export == "merged":
+            raise ValueError("lora.export: merged folds the adapter into the base, which qlora holds in 4 bits; "
+                             "set lora.export: adapter (served on its 16-bit base)")  # fmt: skip
+        if self.method == "qlora" and self.zero_stage == 3:
+            raise ValueError("method: qlora keeps the 4-bit base whole on each GPU, which ZeRO-3 cannot partition: set zero_stage: 2")
+        if self.method == "qlora" and not self.use_gpu:
+            raise ValueError("method: qlora quantizes the base to 4 bits with bitsandbytes, which runs on GPU workers only: "
+                             "set use_gpu: true, or method: lora")  # fmt: skip
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -655,9 +690,9 @@ RECIPE_FIELDS = {
     "synthesize": ("temperature", "max_tokens_cap", "context_tokens", "limit", "keep_cut_off"),
     "questions": ("temperature", "max_tokens", "context_tokens", "limit", "similarity_threshold", "seed_examples", "pool_examples"),
     "answers": ("temperature", "max_tokens", "context_tokens", "limit"),
-    "pretrain": ("epochs", "lr", "weight_decay", "warmup_ratio", "lr_scheduler", "global_batch", "max_len", "bf16", "max_steps",
+    "pretrain": ("method", "epochs", "lr", "weight_decay", "warmup_ratio", "lr_scheduler", "global_batch", "max_len", "bf16", "max_steps",
                  "adam_betas", "adam_eps", "gradient_clipping"),
-    "finetune": ("epochs", "lr", "weight_decay", "warmup_ratio", "lr_scheduler", "global_batch", "global_batch_unit", "max_len", "bf16", "max_steps",
+    "finetune": ("method", "epochs", "lr", "weight_decay", "warmup_ratio", "lr_scheduler", "global_batch", "global_batch_unit", "max_len", "bf16", "max_steps",
                  "adam_betas", "adam_eps", "gradient_clipping"),
 }  # fmt: skip
 RECIPE_BASE = "LLaMA-7B"

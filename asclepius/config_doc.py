@@ -18,7 +18,7 @@ SECTIONS = [
     ("lease", C.LeaseConfig), ("notes", C.NotesConfig), ("notes.sources[]", C.NoteSourceConfig),
     ("teacher", C.TeacherConfig), ("split", C.SplitConfig), ("synthesize", C.SynthesizeConfig), ("questions", C.QuestionsConfig),
     ("answers", C.AnswersConfig), ("instructions_import", C.ImportConfig), ("model", C.ModelConfig),
-    ("pretrain / finetune", C.TrainHyperparams), ("serve", C.ServeConfig), ("serve.models[]", C.ServedModelConfig),
+    ("pretrain / finetune", C.TrainHyperparams), ("pretrain.lora / finetune.lora", C.LoraSettings), ("serve", C.ServeConfig), ("serve.models[]", C.ServedModelConfig),
     ("evaluate", C.EvaluateConfig), ("evaluate.dataset", C.EvalDatasetConfig), ("evaluate.candidates[]", C.CandidateConfig),
     ("evaluate.judge", C.JudgeConfig),
 ]  # fmt: skip

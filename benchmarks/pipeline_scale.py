@@ -98,15 +98,15 @@ class PeakMemory:
 async def plain_client(base_url: str, prompts: list[str], in_flight: int) -> float:
     """Requests per second of a bare asyncio client."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60)
-    gate = asyncio.Semaphore(in_flight)
+    todo = iter(enumerate(prompts))
 
-    async def one(i, p):
-        async with gate:
+    async def worker():  # `in_flight` workers, each sending its next request when one is answered
+        for i, p in todo:
             await client.chat.completions.create(model="bench", messages=[{"role": "user", "content": p}], max_tokens=MAX_TOKENS,
                                                  extra_headers={"x-asclepius-request-key": f"plain-{i}"})  # fmt: skip
 
     start = time.perf_counter()
-    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
     seconds = time.perf_counter() - start
     await client.close()
     return len(prompts) / seconds

@@ -65,14 +65,16 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
         raise ValueError(f"accounting: one of {ACCOUNTING}")
     app = FastAPI()
     lock = threading.Lock()
-    state = {"log": deque(), "admitted": [], "statuses": Counter(), "seen": Counter(), "requests": [], "batches_created": 0}
+    state = {"log": deque(), "log_tokens": 0, "admitted": [], "statuses": Counter(), "seen": Counter(), "requests": [], "batches_created": 0}
     rng = random.Random(seed)
 
     def window_usage(now: float) -> tuple[int, int]:
         log = state["log"]
         while log and log[0]["t"] <= now - window_s:
-            log.popleft()
-        return len(log), sum(r["tokens"] for r in log)
+            old = log.popleft()
+            old["in_window"] = False
+            state["log_tokens"] -= old["tokens"]
+        return len(log), state["log_tokens"]  # a running sum: a sum over the window per request slowed a fast run
 
     def headers(now: float) -> dict:
         n, tokens = window_usage(now)
@@ -137,8 +139,9 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
                 wait = max(0.01, wait)
                 extra = {**headers(now), "retry-after-ms": str(int(wait * 1000)), "retry-after": str(math.ceil(wait))}
                 return error(429, "rate_limit_exceeded", "Rate limit reached.", extra)
-            record = {"t": now, "tokens": 0 if accounting == "usage" else cost, "key": key}
+            record = {"t": now, "tokens": 0 if accounting == "usage" else cost, "key": key, "in_window": True}
             state["log"].append(record)
+            state["log_tokens"] += record["tokens"]
             state["admitted"].append(record)
             hdrs = headers(now)
         state["seen"][key] += 1
@@ -165,6 +168,8 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
             used += 0 if reason == "content_filter" else byte_estimate(text)
         if accounting != "reserved":
             with lock:
+                if record["in_window"]:  # still counted in the running sum: move it by the change
+                    state["log_tokens"] += prompt + used - record["tokens"]
                 record["tokens"] = prompt + used  # counted at what it used (reserved until now, or nothing)
         state["statuses"][200] += 1
         return JSONResponse(
@@ -319,6 +324,7 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
     async def reset():
         with lock:
             state["log"].clear()
+            state["log_tokens"] = 0
             state["admitted"].clear()
             state["statuses"].clear()
             state["seen"].clear()

@@ -31,12 +31,14 @@ BLOCK_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.
 
 
 # ----------------------------------------------------------------------------------------------- pretraining
-def pretraining_blocks(notes: list[list[int]], bos: int, eos: int, block_len: int) -> list[list[int]]:
+def pretraining_blocks(notes: list[list[int]], bos: int | None, eos: int, block_len: int) -> list[list[int]]:
     """The recipe's layout: [bos] note [eos] [bos] note [eos] ... cut into blocks of `block_len`; the remainder
-    is dropped (as HF's group_texts does per batch of notes). Labels are the inputs (the model shifts them)."""
+    is dropped (as HF's group_texts does per batch of notes). Labels are the inputs (the model shifts them).
+    A tokenizer without bos (Qwen2) gives note [eos] note [eos] ...: eos alone separates the notes."""
     stream: list[int] = []
     for ids in notes:
-        stream.append(bos)
+        if bos is not None:
+            stream.append(bos)
         stream.extend(ids)
         stream.append(eos)
     return [stream[i : i + block_len] for i in range(0, len(stream) - block_len + 1, block_len)]

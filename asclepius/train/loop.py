@@ -19,6 +19,7 @@ import torch
 
 from asclepius.config import TrainHyperparams
 from asclepius.models import TOKENIZER_MARKER
+from asclepius.train.adapters import add_adapter, export_adapter_model, trainable_parameters, uses_adapter
 from asclepius.train.data import attention_seq_len, model_inputs
 from asclepius.train.settings import deepspeed_config, flops_per_token, lr_at, peak_flops
 
@@ -83,7 +84,7 @@ def missing_checkpoint_files(ckpt: str, world_size: int, zero_stage: int) -> lis
     return missing
 
 
-def resume(engine, ckpt: str, world_size: int, zero_stage: int) -> int:
+def resume(engine, ckpt: str, world_size: int, zero_stage: int, adapter_only: bool = False) -> int:
     """Load `ckpt` into the engine and return the step it was taken at, or stop with what is missing."""
     missing = missing_checkpoint_files(ckpt, world_size, zero_stage)
     if missing:
@@ -95,7 +96,8 @@ def resume(engine, ckpt: str, world_size: int, zero_stage: int) -> int:
     if state.get("world_size", world_size) != world_size:
         raise CheckpointIncomplete(f"cannot resume from {ckpt}: it was written by {state['world_size']} workers and this run has "
                                    f"{world_size}; DeepSpeed's optimizer shards are per worker")  # fmt: skip
-    load_path, _ = engine.load_checkpoint(ckpt, tag=CHECKPOINT_TAG)
+    # an adapter's checkpoint has no frozen weights: those already in the module (from the source) are kept
+    load_path, _ = engine.load_checkpoint(ckpt, tag=CHECKPOINT_TAG, load_module_strict=not adapter_only)
     if load_path is None:
         raise CheckpointIncomplete(f"cannot resume from {ckpt}: DeepSpeed found no loadable checkpoint there (see its warning above)")
     return int(state["step"])
@@ -187,6 +189,11 @@ def train(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    adapter = uses_adapter(hp)
+    if adapter:  # only the adapter trains: the optimizer below takes the parameters that require grad
+        model = add_adapter(model, hp)
+        trainable, total = trainable_parameters(model)
+        log.info("%s: %s, %d of %d parameters train (%.2f%%)", section, hp.method, trainable, total, 100 * trainable / max(1, total))
     optimizer = make_optimizer(model, hp, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, hp) / hp.lr)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -195,7 +202,7 @@ def train(
     start_step = 0
     with ctx.latest_checkpoint() as ckpt:
         if ckpt:
-            start_step = resume(engine, ckpt, ctx.world_size, hp.zero_stage)
+            start_step = resume(engine, ckpt, ctx.world_size, hp.zero_stage, adapter_only=adapter)
             log.info("rank %d resumed from step %d", ctx.rank, start_step)
 
     cfg = model.config
@@ -218,7 +225,8 @@ def train(
             tokens = int((batch["segment_ids"] > 0).sum())
             window_loss += loss.item()
             window_tokens += tokens
-            window_flops += tokens * flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, attention_seq_len(batch["segment_ids"]))
+            window_flops += tokens * flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, attention_seq_len(batch["segment_ids"]),
+                                                     weight_grads=not adapter)  # fmt: skip
             if micro % accum:
                 continue
             step += 1
@@ -243,7 +251,8 @@ def train(
             done = step >= total_steps
             if ctx.keeps_checkpoints and ((checkpoint_every and step % checkpoint_every == 0) or done):
                 tmp = tempfile.mkdtemp(prefix="asclepius-ckpt-")  # the context deletes it once kept
-                engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+                # with an adapter, the checkpoint holds it alone (the frozen base comes from its source on resume)
+                engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=adapter)
                 if ctx.rank == 0:
                     with open(os.path.join(tmp, STATE_FILE), "w") as f:
                         json.dump({"step": step, "epoch": epoch, "world_size": ctx.world_size}, f)
@@ -259,7 +268,11 @@ def train(
         first = 0
 
     if export_dir:
-        export_hf(engine, hp.zero_stage, export_dir, tokenizer, ctx.rank)
+        if adapter:
+            export_adapter_model(engine.module, hp, hp.zero_stage, export_dir, ctx.rank, EXPORT_SHARD_SIZE)
+            save_tokenizer(tokenizer, export_dir, ctx.rank)
+        else:
+            export_hf(engine, hp.zero_stage, export_dir, tokenizer, ctx.rank)
     return LoopResult(final_step=step, resumed_from=start_step, history=ctx.history)
 
 
@@ -278,8 +291,12 @@ def export_hf(engine, zero_stage: int, export_dir: str, tokenizer, rank: int) ->
         # shards of at most 4 GB (transformers 5 writes one 50 GB shard by default: a 7B model would be one 13.5 GB object,
         # which S3 cannot copy with one CopyObject and which no reader can fetch in parallel)
         engine.module.save_pretrained(export_dir, state_dict=state, safe_serialization=True, max_shard_size=EXPORT_SHARD_SIZE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(export_dir)
-            # serving loads the tokenizer kind training used (slow SentencePiece by the recipe's default)
-            with open(os.path.join(export_dir, TOKENIZER_MARKER), "w", encoding="utf-8") as f:
-                json.dump({"use_fast": bool(getattr(tokenizer, "is_fast", False))}, f)
+        save_tokenizer(tokenizer, export_dir, rank)
+
+
+def save_tokenizer(tokenizer, export_dir: str, rank: int) -> None:
+    if tokenizer is not None and rank == 0:
+        tokenizer.save_pretrained(export_dir)
+        # serving loads the tokenizer kind training used (slow SentencePiece for the recipe's LLaMA)
+        with open(os.path.join(export_dir, TOKENIZER_MARKER), "w", encoding="utf-8") as f:
+            json.dump({"use_fast": bool(getattr(tokenizer, "is_fast", False))}, f)

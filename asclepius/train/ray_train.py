@@ -77,7 +77,7 @@ def _pretrain_task(batch: pd.DataFrame, *, source, use_fast, block_len, out_dir)
     ids = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in batch["text"]]
     blocks = pretraining_blocks(ids, tok.bos_token_id, tok.eos_token_id, block_len)
     path = write_blocks(pretraining_table(blocks), out_dir) if blocks else None
-    tokens = sum(len(i) + 2 for i in ids)
+    tokens = sum(len(i) + 1 + (tok.bos_token_id is not None) for i in ids)  # note, eos, and bos where the family has one
     return pd.DataFrame({"file": [path], "examples": [len(ids)], "blocks": [len(blocks)], "tokens": [tokens], "dropped": [0],
                          "truncated": [0], "real_tokens": [len(blocks) * block_len], "block_tokens": [len(blocks) * block_len]})  # fmt: skip
 
@@ -168,6 +168,7 @@ def _worker(config: dict) -> None:
     import torch
 
     from asclepius.models import load_model, load_tokenizer
+    from asclepius.train.adapters import quantization_config
     from asclepius.train.loop import TrainContext, train
 
     hp: TrainHyperparams = config["hp"]
@@ -203,7 +204,8 @@ def _worker(config: dict) -> None:
     source = local_copy(config["source"]) if is_remote(config["source"]) else config["source"]  # once per node
     tokenizer = load_tokenizer(source, use_fast=config["use_fast"])
     model = load_model(source, dtype="float32" if not hp.use_gpu else "bfloat16", device="cuda" if hp.use_gpu else "cpu",
-                       attn_implementation=implementation)  # fmt: skip
+                       attn_implementation=implementation, quantization_config=quantization_config(hp))  # fmt: skip
+    model.config._name_or_path = config["source"]  # what a LoRA adapter's export names as its base (not this node's copy)
     blocks = BlockSource(config["block_files"])
 
     def batches(epoch, first):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from asclepius.config import TrainHyperparams
 
@@ -125,6 +126,52 @@ def checkpoint_cost(n_params: float, zero_stage: int, nodes: int, gbit_per_s_per
     return size_gb, size_gb / nodes / (gbit_per_s_per_node / 8)
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory of training depends on (a model's config.json)."""
+
+    params: float
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_dim: int  # num_key_value_heads × head_dim
+
+
+# The base models the presets name, from their config.json (hub ids the presets use).
+MODEL_SHAPES = {
+    "huggyllama/llama-7b": ModelShape(6.74e9, 4096, 11008, 32, 4096),
+    "huggyllama/llama-13b": ModelShape(13.0e9, 5120, 13824, 40, 5120),
+    "meta-llama/Llama-3.1-8B": ModelShape(8.03e9, 4096, 14336, 32, 1024),
+}
+LORA_TARGET_SHAPES = {  # (in, out) of each projection, from the shape
+    "q_proj": lambda s: (s.hidden, s.hidden), "k_proj": lambda s: (s.hidden, s.kv_dim), "v_proj": lambda s: (s.hidden, s.kv_dim),
+    "o_proj": lambda s: (s.hidden, s.hidden), "gate_proj": lambda s: (s.hidden, s.intermediate),
+    "up_proj": lambda s: (s.hidden, s.intermediate), "down_proj": lambda s: (s.intermediate, s.hidden),
+}  # fmt: skip
+
+
+def trainable_params(shape: ModelShape, hp: TrainHyperparams) -> float:
+    """Parameters the optimizer updates: all of them (full), or LoRA's A (r × in) and B (out × r) per target."""
+    if hp.method == "full":
+        return shape.params
+    per_layer = sum(hp.lora.rank * sum(LORA_TARGET_SHAPES[t](shape)) for t in hp.lora.target_modules if t in LORA_TARGET_SHAPES)
+    return per_layer * shape.layers
+
+
+def model_state_gib_per_gpu(shape: ModelShape, hp: TrainHyperparams) -> float:
+    """GPU memory of the model states per worker, activations apart (they follow micro_batch × max_len, and
+    gradient checkpointing keeps them to one layer's): the weights — bf16 (2 bytes) or, for qlora, 4-bit NF4 with
+    double-quantized constants (~0.52 bytes) — whole on every GPU, or a 1/N shard under ZeRO-3; the trainable
+    parameters' bf16 gradients (2 bytes) and AdamW's fp32 master weights and two moments (12 bytes), a 1/N shard
+    each under ZeRO-2 and -3 (none on the GPU with offload_optimizer)."""
+    n, t, workers = shape.params, trainable_params(shape, hp), hp.num_workers
+    weight_bytes = 0.52 if hp.method == "qlora" else 2
+    weights = n * weight_bytes / (workers if hp.zero_stage == 3 else 1)
+    gradients = t * 2 / workers
+    optimizer = 0 if hp.offload_optimizer else t * 12 / workers
+    return (weights + gradients + optimizer) / 2**30
+
+
 def lr_at(step: int, total_steps: int, hp: TrainHyperparams) -> float:
     """Linear warmup over warmup_ratio of the steps, then the scheduler (cosine to 0, linear to 0, or constant)."""
     warmup = math.ceil(total_steps * hp.warmup_ratio)
@@ -138,10 +185,11 @@ def lr_at(step: int, total_steps: int, hp: TrainHyperparams) -> float:
     return hp.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float) -> float:
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float, weight_grads: bool = True) -> float:
     """Training FLOPs per token: 6·N for the matmuls (forward + backward) + 12·L·H·T for attention (PaLM, App. B),
-    T the span a token attends over — for packed examples their own length (data.attention_seq_len), not the block."""
-    return 6 * n_params + 12 * n_layers * hidden * seq_len
+    T the span a token attends over — for packed examples their own length (data.attention_seq_len), not the block.
+    A frozen base (LoRA) computes no weight gradients: 4·N (forward, and the backward to the activations)."""
+    return (6 if weight_grads else 4) * n_params + 12 * n_layers * hidden * seq_len
 
 
 def peak_flops(device_name: str | None) -> float | None:

@@ -174,8 +174,11 @@ def test_overload_is_a_fast_json_503_with_retry_after_never_a_200_with_an_error(
             assert b'"finish_reason": "error"' not in raw and b'"error"' not in raw and raw.rstrip().endswith(b"data: [DONE]")
         else:
             assert json.loads(raw)["choices"][0]["finish_reason"] in ("stop", "length")
-    rejected = [s for c, _, _, s in results if c == 503]
-    assert sorted(rejected)[len(rejected) // 2] < 1.0  # refused at once, not after a wait
+    rejected = sorted(s for c, _, _, s in results if c == 503)
+    answered = sorted(s for c, _, _, s in results if c == 200)
+    # refused at once, not after waiting for a slot: a second at most, or a quarter of what an answer took on a
+    # machine so busy that the 64 client threads themselves take that long to be scheduled
+    assert rejected[len(rejected) // 2] < max(1.0, 0.25 * answered[len(answered) // 2]), (rejected, answered)
 
 
 def test_a_disconnected_client_s_generation_stops(app):

@@ -28,11 +28,11 @@ QA = [
 ]
 
 
-def make_run(tmp_path, **train):
-    base = {"num_workers": 2, "micro_batch": 1, "global_batch": 2, "lr": 3e-3, "warmup_ratio": 0.0, "max_len": 256,
-            "epochs": 50, "gradient_checkpointing": False, "lr_scheduler": "constant", "num_to_keep": 2}  # fmt: skip
+def make_run(tmp_path, base="tiny", **train):
+    hp = {"num_workers": 2, "micro_batch": 1, "global_batch": 2, "lr": 3e-3, "warmup_ratio": 0.0, "max_len": 256,
+          "epochs": 50, "gradient_checkpointing": False, "lr_scheduler": "constant", "num_to_keep": 2}  # fmt: skip
     data = {"run_dir": str(tmp_path / "run"), "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]},
-            "model": {"base": "tiny"}, "pretrain": {**base, **train}, "finetune": {**base, **train}}  # fmt: skip
+            "model": {"base": base}, "pretrain": {**hp, **train}, "finetune": {**hp, **train}}  # fmt: skip
     cfg = config_from_dict(data)
     run = RunDir.open(cfg.run_dir)
     (tmp_path / "run" / "instructions").mkdir(parents=True)
@@ -88,6 +88,29 @@ def test_pretrain_zero3_two_workers(ray_local, tmp_path):
     assert entry["final_step"] == 6 and entry["zero_stage"] == 3 and entry["data"]["blocks"] >= 12
     assert entry["final_loss"] < entry["first_loss"]
     loads_and_generates(published(tmp_path / "run", "checkpoints/pretrain", "final"))  # ZeRO-3 shards gathered for export
+
+
+def test_lora_finetune_of_a_current_family_on_two_zero3_workers(ray_local, tmp_path):
+    """Qwen2-shaped, its fast tokenizer (no bos), a LoRA adapter over ZeRO-3 shards: the adapter alone is checkpointed
+    and trains; the export is the merged model, served like any other."""
+    from asclepius.models import load_model, load_tokenizer
+
+    _, cfg, run = make_run(tmp_path, base="tiny-qwen2", zero_stage=3, max_steps=8, lr=1e-2, checkpoint_every_steps=8,
+                           method="lora", lora={"rank": 8, "alpha": 16, "dropout": 0.0})  # fmt: skip
+    entry = run_stage(FINETUNE_STAGE, cfg, run)
+    assert entry["final_step"] == 8 and entry["zero_stage"] == 3 and entry["final_loss"] < entry["first_loss"] - 0.2
+    checkpoint = [p for p in (tmp_path / "run" / "ray_train").rglob("*.pt") if "step-000008" in str(p)]
+    assert checkpoint, "no checkpoint written"
+    for path in checkpoint:  # the module state names the adapter (and the head tied to the frozen embeddings) alone
+        module = torch.load(path, map_location="cpu", weights_only=False).get("module") or {}
+        assert all("lora_" in k or k.endswith("lm_head.weight") for k in module), sorted(module)[:4]
+    full_model_states = sum(p.numel() for p in load_model("tiny-qwen2").parameters()) * 12  # fp32 master + Adam, every parameter
+    assert sum(p.stat().st_size for p in checkpoint) < 0.25 * full_model_states  # the optimizer's states cover the adapter
+    final = str(published(tmp_path / "run", "checkpoints/finetune", "final"))
+    assert os.path.exists(os.path.join(final, "config.json")) and not os.path.exists(os.path.join(final, "adapter_config.json"))
+    model, tok = load_model(final), load_tokenizer(final)
+    assert tok.is_fast and tok.bos_token_id is None and type(model).__name__ == "Qwen2ForCausalLM"
+    assert not any("lora" in k for k in model.state_dict())
 
 
 def test_kill_after_a_checkpoint_then_resume_to_the_same_final_step(tmp_path):
