@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 
+from asclepius.coalesced import Coalesced
+
 S3_COPY_LIMIT_BYTES = 5 * 1024**3  # the largest source S3 copies with one CopyObject (UploadPartCopy beyond)
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -263,8 +265,7 @@ class AppendLog:
         self._fh = None
         self._seq = 0
         self._lock = threading.Lock()  # one write at a time, in order (sync writers, the async flusher's thread)
-        self._pending: list[tuple[str, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
+        self._group = Coalesced(self._write_group)  # concurrent commits share one write
         if self.remote:
             self.fs, self.path = open_uri(directory)
         else:
@@ -302,26 +303,12 @@ class AppendLog:
     async def commit(self, record: dict) -> None:
         """`append` for coroutines: concurrent commits share one write (group commit) — one PUT on object storage,
         one write + fsync on a filesystem, in a thread, so the event loop keeps sending while the disk syncs (an
-        fsync per record on the loop was a self-hosted teacher's pace)."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((_line(record), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_pending())
-        await future
+        fsync per record on the loop was a self-hosted teacher's pace). A failed write fails every commit in it."""
+        await self._group.submit(_line(record))
 
-    async def _flush_pending(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                await asyncio.to_thread(self._put if self.remote else self._write_local, [line for line, _ in batch])
-            except BaseException as err:  # noqa: BLE001 — every waiter learns its record was not stored
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err if isinstance(err, Exception) else RuntimeError(str(err)))
-                continue
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+    async def _write_group(self, lines: list[str]) -> list[None]:
+        await asyncio.to_thread(self._put if self.remote else self._write_local, lines)
+        return [None] * len(lines)
 
     def close(self) -> None:
         if self._fh is not None:

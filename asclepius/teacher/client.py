@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import openai
 
 from asclepius import metrics
+from asclepius.coalesced import Coalesced
 from asclepius.config import TeacherConfig
 from asclepius.teacher.cost import TokenCounter, cost_usd, price_for
 from asclepius.teacher.ledger import Ledger, LedgerScan, request_key
@@ -219,38 +220,6 @@ class ActorLimiter:
 
     async def snapshot(self):
         return await self.actor.snapshot.remote()
-
-
-class Coalesced:
-    """Group commit for calls: `submit` an item; the items submitted while a `send` is in flight go together in
-    the next one. `send(items)` returns an awaitable of one result per item, in order."""
-
-    def __init__(self, send):
-        self.send = send
-        self._pending: list[tuple[Any, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
-
-    async def submit(self, item):
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append((item, future))
-        if self._flusher is None or self._flusher.done() or self._flusher.get_loop() is not loop:
-            self._flusher = loop.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                results = await self.send([item for item, _ in batch])
-            except BaseException as err:  # noqa: BLE001 — every waiter learns its call failed
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err if isinstance(err, Exception) else RuntimeError(str(err)))
-                continue
-            for (_, fut), result in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(result)
 
 
 # ----------------------------------------------------------------------------------------------- requests
