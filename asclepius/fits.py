@@ -17,6 +17,11 @@ When none of them answers, only a local instance this job started itself is know
 cluster the check cannot know what may be added, so it warns with what does not fit the nodes there are now and
 goes on — a cluster that scales from zero is never refused for being empty.
 
+A GPU training worker also needs its model states (weights, gradients, optimizer; train.settings.
+model_state_gib_per_gpu) to fit its GPU: where the base model's shape is known (a preset's hub id, or a local
+directory's config.json) and a node type's accelerator_type is one whose memory we know, a GPU too small for them is
+no place for the worker, and the refusal names the GiB and what lowers them (ZeRO-3, more workers, offload, LoRA).
+
 The stages run one after another, so each is placed on an empty cluster; what runs at the same time within a
 stage (a served teacher and the actors calling it, the served model and the judge's actors) is placed together.
 """
@@ -33,6 +38,7 @@ import yaml
 from asclepius.cluster import started_here
 from asclepius.config import Config, RayConfig, ServedModelConfig
 from asclepius.stages import TEACHER_STAGES, TRAINING
+from asclepius.train.settings import gpu_memory_gib, model_shape, model_state_gib_per_gpu
 
 log = logging.getLogger("asclepius")
 
@@ -48,6 +54,8 @@ class Need:
     what: str  # e.g. "finetune.num_workers training workers"
     count: int
     bundle: dict[str, float]
+    gpu_gib: float | None = None  # a training worker's model states per GPU, where the model's shape is known
+    gpu_gib_how: str = ""  # what they follow, for the message
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,12 @@ def stage_needs(cfg: Config, stages: list[str]) -> dict[str, list[Need]]:
         if stage in TRAINING:
             hp = getattr(cfg, stage)
             bundle = {"CPU": hp.cpus_per_worker, **({"GPU": 1.0} if hp.use_gpu else {}), **hp.resources_per_worker}
-            group.append(Need(f"{stage}.num_workers training workers", hp.num_workers, bundle))
+            base = cfg.model.base if cfg.model else "tiny"
+            shape = model_shape(base) if hp.use_gpu else None  # the fine-tune trains the pretrained model: same shape
+            gib = model_state_gib_per_gpu(shape, hp) if shape else None
+            how = (f"{base}, method {hp.method}, zero_stage {hp.zero_stage}, {hp.num_workers} worker{'s' if hp.num_workers != 1 else ''}"
+                   + (", optimizer offloaded" if hp.offload_optimizer else ""))  # fmt: skip
+            group.append(Need(f"{stage}.num_workers training workers", hp.num_workers, bundle, gib, how))
         if stage in TEACHER_STAGES and cfg.teacher is not None and cfg.teacher.mode == "online":
             group += _serve_needs(teacher_model)
             group.append(Need("teacher.num_actors request actors", cfg.teacher.num_actors, {"CPU": 0.1, **cfg.teacher.actor_resources}))
@@ -199,8 +212,20 @@ def cluster_shapes(ray_cfg: RayConfig | None = None) -> tuple[list[NodeShape], b
     return shapes + (types or []), types is not None, where
 
 
-def _fits(bundle: dict[str, float], free: dict[str, float]) -> bool:
-    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items() if v > 0)
+def _fits(need: Need, free: dict[str, float]) -> bool:
+    if not all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.bundle.items() if v > 0):
+        return False
+    memory = gpu_memory_gib(free) if need.gpu_gib and need.bundle.get("GPU", 0) > 0 else None
+    return memory is None or memory[1] >= need.gpu_gib  # a GPU whose memory we do not know is not refused
+
+
+def _too_small_gpus(need: Need, shapes: list[NodeShape]) -> str:
+    small = {f"{s.name}'s {m[0]} has {m[1]:g} GiB" for s in shapes if s.resources.get("GPU", 0) > 0
+             for m in [gpu_memory_gib(s.resources)] if m and need.gpu_gib and m[1] < need.gpu_gib}  # fmt: skip
+    if not small:
+        return ""
+    return (f" (their model states alone need {need.gpu_gib:.1f} GiB per GPU — {need.gpu_gib_how}, activations apart — and "
+            f"{'; '.join(sorted(small))}: zero_stage 3, more workers, offload_optimizer or method lora/qlora need less)")
 
 
 def place(group: list[Need], shapes: list[NodeShape]) -> list[str]:
@@ -210,14 +235,14 @@ def place(group: list[Need], shapes: list[NodeShape]) -> list[str]:
     for need in sorted(group, key=lambda n: -sum(n.bundle.values())):
         placed = 0
         for _ in range(need.count):
-            node = next((n for n in nodes if _fits(need.bundle, n)), None)
+            node = next((n for n in nodes if _fits(need, n)), None)
             if node is None:
                 break
             for k, v in need.bundle.items():
                 node[k] = node.get(k, 0.0) - v
             placed += 1
         if placed < need.count:
-            problems.append(f"{need.count} {need.what} × {_fmt(need.bundle)}: room for {placed}")
+            problems.append(f"{need.count} {need.what} × {_fmt(need.bundle)}: room for {placed}" + _too_small_gpus(need, shapes))
     return problems
 
 

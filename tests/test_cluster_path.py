@@ -378,6 +378,54 @@ def test_fits_places_a_served_teacher_and_its_actors_together():
         check_fits(cfg, ["synthesize"], [NodeShape("n", {"CPU": 2.3}, 1)])
 
 
+def test_fits_knows_the_gpu_memory_a_method_needs():
+    # one g5.2xlarge type: what the AWS node provider fills in (GPU and accelerator_type from the instance type)
+    a10g = NodeShape("node type gpu_1xa10g", {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, 4)
+    one_gpu = ["pretrain.num_workers=1", "finetune.num_workers=1", "pretrain.micro_batch=1", "finetune.micro_batch=1"]
+    lora = load_config(ROOT / "configs/asclepius-lora-8b.yaml", one_gpu)
+    check_fits(lora, ["pretrain", "finetune"], [CPU_NODE, a10g])  # the 8B base in bf16 (15.0 GiB) + a small adapter
+    full = load_config(ROOT / "configs/asclepius-lora-8b.yaml", [*one_gpu, "finetune.method=full"])
+    with pytest.raises(ClusterTooSmall) as err:
+        check_fits(full, ["pretrain", "finetune"], [CPU_NODE, a10g])
+    text = str(err.value)
+    assert "pretrain" not in text.replace("pretrain.", "")  # the LoRA stage fits; the full fine-tune does not
+    assert "finetune.num_workers training workers × {CPU: 8, GPU: 1}: room for 0" in text
+    assert "need 119.7 GiB per GPU — meta-llama/Llama-3.1-8B, method full, zero_stage 2, 1 worker," in text
+    assert "gpu_1xa10g's A10G has 22.5 GiB" in text and "method lora/qlora" in text
+    # on 8-GPU A100 nodes the same full fine-tune fits (ZeRO-2 over 8 workers: 28.0 GiB), and where the type is not
+    # one we know, nothing is refused for memory
+    full.finetune.num_workers = full.finetune.micro_batch = 8
+    check_fits(full, ["finetune"], [NodeShape("node type p4de", {"CPU": 96.0, "GPU": 8.0, "accelerator_type:A100": 1.0}, 1)])
+    full.finetune.num_workers = full.finetune.micro_batch = 1
+    check_fits(full, ["finetune"], [NodeShape("node type g7", {"CPU": 8.0, "GPU": 1.0, "accelerator_type:X1": 1.0}, 1)])
+
+
+@pytest.mark.parametrize("source", ["tiny-llama3", "tiny-qwen2", "tiny-mistral"])
+def test_a_local_models_shape_is_read_from_its_config(source):
+    from asclepius.models import load_model, resolve_model_source
+    from asclepius.train.settings import model_shape
+
+    shape = model_shape(resolve_model_source(source))
+    model = load_model(source)
+    assert shape.params == sum(p.numel() for p in model.parameters())  # tied or not, biased or not, grouped kv heads
+    assert (shape.layers, shape.hidden) == (model.config.num_hidden_layers, model.config.hidden_size)
+
+
+def test_the_presets_model_shapes_are_their_configs(tmp_path):
+    from asclepius.train.settings import MODEL_SHAPES, model_shape
+
+    llama_7b = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "vocab_size": 32000, "model_type": "llama"}  # huggyllama/llama-7b's config.json  # fmt: skip
+    llama31_8b = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 128256, "model_type": "llama", "tie_word_embeddings": False}  # fmt: skip
+    for hub_id, config in [("huggyllama/llama-7b", llama_7b), ("meta-llama/Llama-3.1-8B", llama31_8b)]:
+        (tmp_path / hub_id).mkdir(parents=True)
+        (tmp_path / hub_id / "config.json").write_text(json.dumps(config))
+        local = model_shape(str(tmp_path / hub_id))
+        assert local.params == pytest.approx(MODEL_SHAPES[hub_id].params, rel=2e-3) and local.kv_dim == MODEL_SHAPES[hub_id].kv_dim
+    assert model_shape(str(tmp_path / "nothing")) is None and model_shape("some-org/unknown-model") is None
+
+
 @pytest.mark.ray
 def test_pipeline_stops_before_any_work_when_the_config_does_not_fit(ray_local, tmp_path):
     from asclepius.pipeline import run_pipeline

@@ -3,9 +3,11 @@ config, checked up front. No Ray here: the device script and benchmarks use it o
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from asclepius.config import TrainHyperparams
 
@@ -143,6 +145,48 @@ MODEL_SHAPES = {
     "huggyllama/llama-13b": ModelShape(13.0e9, 5120, 13824, 40, 5120),
     "meta-llama/Llama-3.1-8B": ModelShape(8.03e9, 4096, 14336, 32, 1024),
 }
+
+
+def model_shape(source: str) -> ModelShape | None:
+    """The shape of a base model: a preset's hub id from MODEL_SHAPES, or a local directory's config.json (a Llama-,
+    Qwen2- or Mistral-shaped decoder: attention with grouped key/value heads, a gated MLP, two norms per layer).
+    None where it cannot be known without a download."""
+    if source in MODEL_SHAPES:
+        return MODEL_SHAPES[source]
+    path = Path(source).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    c = json.loads(path.read_text())
+    c = c.get("text_config", c)
+    try:
+        hidden, inter, layers, heads, vocab = (int(c[k]) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                                    "num_attention_heads", "vocab_size"))  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return None
+    head_dim = int(c.get("head_dim") or hidden // heads)
+    q, kv = heads * head_dim, int(c.get("num_key_value_heads") or heads) * head_dim
+    bias = c.get("attention_bias", c.get("model_type") == "qwen2")  # Qwen2 biases q, k and v
+    per_layer = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * inter + 2 * hidden + ((q + 2 * kv) if bias else 0)
+    embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings", False) else 2)
+    return ModelShape(float(layers * per_layer + embeddings + hidden), hidden, inter, layers, kv)
+
+
+# GPU memory (GiB, as the driver reports it) by the accelerator_type Ray gives a node (ray.util.accelerators; the AWS
+# node provider and KubeRay fill it in for GPU node types). Where one name covers two sizes (A100: 40 or 80 GB, V100:
+# 16 or 32 GB) the larger: the fits check refuses only what cannot fit.
+GPU_MEMORY_GIB = {"T4": 15.0, "V100": 32.0, "A10G": 22.5, "L4": 22.5, "L40S": 45.0, "A100": 80.0, "A100-40G": 40.0,
+                  "A100-80G": 80.0, "H100": 79.6, "H200": 140.4}  # fmt: skip
+
+
+def gpu_memory_gib(resources: dict[str, float]) -> tuple[str, float] | None:
+    """(accelerator type, GiB) of a node's GPUs from its Ray resources, where its type is one we know."""
+    for key in resources:
+        if key.startswith("accelerator_type:") and key.split(":", 1)[1] in GPU_MEMORY_GIB:
+            kind = key.split(":", 1)[1]
+            return kind, GPU_MEMORY_GIB[kind]
+    return None
+
+
 LORA_TARGET_SHAPES = {  # (in, out) of each projection, from the shape
     "q_proj": lambda s: (s.hidden, s.hidden), "k_proj": lambda s: (s.hidden, s.kv_dim), "v_proj": lambda s: (s.hidden, s.kv_dim),
     "o_proj": lambda s: (s.hidden, s.hidden), "gate_proj": lambda s: (s.hidden, s.intermediate),
