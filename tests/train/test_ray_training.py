@@ -90,13 +90,22 @@ def test_pretrain_zero3_two_workers(ray_local, tmp_path):
     loads_and_generates(published(tmp_path / "run", "checkpoints/pretrain", "final"))  # ZeRO-3 shards gathered for export
 
 
+LORA_RUN = {"base": "tiny-qwen2", "zero_stage": 3, "max_steps": 8, "lr": 1e-2, "method": "lora",
+            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}  # fmt: skip
+
+
+def losses_of(run_dir):
+    return {h["step"]: h["loss"] for h in map(json.loads, open(published(run_dir, "checkpoints/finetune", "metrics.jsonl")))}
+
+
 def test_lora_finetune_of_a_current_family_on_two_zero3_workers(ray_local, tmp_path):
     """Qwen2-shaped, its fast tokenizer (no bos), a LoRA adapter over ZeRO-3 shards: the adapter alone is checkpointed
-    and trains; the export is the merged model, served like any other."""
+    and trains; the export is the merged model, served like any other. Then the same run with a training worker
+    killed after its first checkpoint: Ray Train restarts the workers from it, and the adapter's training goes on
+    exactly as it would have (the same loss at every step)."""
     from asclepius.models import load_model, load_tokenizer
 
-    _, cfg, run = make_run(tmp_path, base="tiny-qwen2", zero_stage=3, max_steps=8, lr=1e-2, checkpoint_every_steps=8,
-                           method="lora", lora={"rank": 8, "alpha": 16, "dropout": 0.0})  # fmt: skip
+    _, cfg, run = make_run(tmp_path, checkpoint_every_steps=8, **LORA_RUN)
     entry = run_stage(FINETUNE_STAGE, cfg, run)
     assert entry["final_step"] == 8 and entry["zero_stage"] == 3 and entry["final_loss"] < entry["first_loss"] - 0.2
     checkpoint = [p for p in (tmp_path / "run" / "ray_train").rglob("*.pt") if "step-000008" in str(p)]
@@ -111,6 +120,31 @@ def test_lora_finetune_of_a_current_family_on_two_zero3_workers(ray_local, tmp_p
     model, tok = load_model(final), load_tokenizer(final)
     assert tok.is_fast and tok.bos_token_id is None and type(model).__name__ == "Qwen2ForCausalLM"
     assert not any("lora" in k for k in model.state_dict())
+    uninterrupted = losses_of(tmp_path / "run")
+
+    import threading
+
+    import psutil
+
+    killed_dir = tmp_path / "killed"
+    killed_dir.mkdir()
+    _, cfg, run = make_run(killed_dir, checkpoint_every_steps=2, **LORA_RUN)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(run_stage(FINETUNE_STAGE, cfg, run)), daemon=True)
+    thread.start()
+    storage, deadline = killed_dir / "run" / "ray_train", time.time() + 300
+    while not (storage.exists() and list(storage.rglob("checkpoint_manager_snapshot.json"))):  # a checkpoint is committed
+        assert thread.is_alive() and time.time() < deadline, "training ended before a worker could be killed"
+        time.sleep(0.1)
+    # Ray names an actor's process after its class (ray::RayTrainWorker...)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "TrainWorker" in " ".join(p.info["cmdline"] or [])[:200]]
+    assert len(workers) == 2, [" ".join(p.info["cmdline"])[:80] for p in workers]
+    os.kill(workers[1].pid, signal.SIGKILL)  # one worker dies; the driver, the controller and the other worker live on
+    thread.join(timeout=400)
+    assert not thread.is_alive() and result["final_step"] == 8 and result["resumed_from"] >= 2, result
+    resumed = losses_of(killed_dir / "run")
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[s] for s in range(1, 9)] == pytest.approx([uninterrupted[s] for s in range(1, 9)], rel=1e-4)
 
 
 def test_kill_after_a_checkpoint_then_resume_to_the_same_final_step(tmp_path):
