@@ -12,6 +12,7 @@ import urllib.request
 import openai
 import pytest
 import ray
+import torch
 from ray import serve
 
 from asclepius.config import ServeConfig
@@ -26,12 +27,50 @@ def model(name, **kw):
     return {"name": name, "source": "tiny", "num_cpus": 0, "max_batch_size": 8, "max_queued_requests": 24, **kw}
 
 
+FAMILY_SOURCES = {"qwen2": "tiny-qwen2", "mistral": "tiny-mistral"}  # and Llama-3 under the adapter (a replica each costs ~8 s)
+NOTE, QUESTION = "Pt w/ CHF, EF 35%. Discharged on furosemide.", "What is the EF?"
+
+
+def adapter_export(directory):
+    """A LoRA adapter on tiny-llama3 saved as training's `lora.export: adapter` saves it (no base weights), with B
+    drawn at random (a trained adapter is not zero); and the answer base + adapter give in process, unmerged."""
+    from asclepius.config import config_from_dict
+    from asclepius.console import model_answer
+    from asclepius.models import load_model, load_tokenizer, text_prompt_ids
+    from asclepius.recipe import load_recipe
+    from asclepius.serve.engine import Engine, GenRequest
+    from asclepius.serve.schemas import PROMPT_MARKERS
+    from asclepius.train.adapters import add_adapter, export_adapter_model
+    from asclepius.train.loop import save_tokenizer
+
+    hp = config_from_dict({"run_dir": "/tmp/x", "notes": {"sources": [{"kind": "pmc", "path": "sample:pmc"}]},
+                           "finetune": {"method": "lora", "lora": {"rank": 8, "alpha": 16, "export": "adapter"}}}).finetune  # fmt: skip
+    model = add_adapter(load_model("tiny-llama3"), hp)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    tok = load_tokenizer("tiny-llama3")
+    export_adapter_model(model, hp, 2, str(directory), rank=0, shard_size="4GB")
+    save_tokenizer(tok, str(directory), rank=0)
+    prompt = load_recipe().model_prompt.format(note=NOTE, question=QUESTION)
+    request = GenRequest(text_prompt_ids(tok, prompt), 12, temperature=0, stop=list(PROMPT_MARKERS), cut_repetition=True)
+    with_adapter = Engine(model.eval(), tok).generate([request])[0][0]
+    assert with_adapter != model_answer("tiny-llama3", NOTE, QUESTION, max_tokens=12)  # the adapter changes what it says
+    return with_adapter
+
+
 @pytest.fixture(scope="module")
-def app(ray_local):
+def app(ray_local, tmp_path_factory):
     port = free_port()
-    url = start(ServeConfig(port=port, app_name="api", route_prefix="/api", models=[model("tiny-a"), model("tiny-b", context_length=256)]))
+    adapter_dir = tmp_path_factory.mktemp("lora-llama3")
+    adapter_answer = adapter_export(adapter_dir)
+    families = [model(name, source=source) for name, source in FAMILY_SOURCES.items()] + [model("lora-llama3", source=str(adapter_dir))]
+    url = start(ServeConfig(port=port, app_name="api", route_prefix="/api",
+                            models=[model("tiny-a"), model("tiny-b", context_length=256), *families]))  # fmt: skip
     small = start(ServeConfig(port=port, app_name="busy", route_prefix="/busy", models=[model("tiny-busy", max_batch_size=2, max_queued_requests=2)]))
-    yield {"url": url, "small": small, "port": int(url.split(":")[2].split("/")[0])}  # Serve's port (it may run already)
+    yield {"url": url, "small": small, "port": int(url.split(":")[2].split("/")[0]), "adapter_answer": adapter_answer}  # Serve's port (it may run already)
     for name in ("api", "busy"):
         serve.delete(name)
 
@@ -304,3 +343,21 @@ def test_answer_shortens_a_long_note_from_its_end(app):
     assert "Admission: CHF" in prompt and "END-OF-NOTE" not in prompt  # the start kept, the end cut
     assert "[Instruction Begin]" in prompt and "What was the admission for?" in prompt  # the question and header always stay
     assert body["usage"]["prompt_tokens"] + 20 <= 256
+
+
+def test_current_families_and_an_adapter_are_served_as_they_answer_in_process(app):
+    """Llama-3-, Qwen2- and Mistral-shaped models with their own fast tokenizers, and a LoRA adapter export that the
+    replica puts on its base: /v1/answer gives what the model gives in process (greedy, the recipe's markers), and
+    chat uses each family's own chat template."""
+    from asclepius.console import model_answer
+    from asclepius.models import load_tokenizer
+
+    for name, source in [*FAMILY_SOURCES.items(), ("lora-llama3", None)]:
+        status, body, _ = post(app["url"] + "/answer", {"model": name, "note": NOTE, "question": QUESTION, "max_tokens": 12})
+        assert status == 200, body
+        expected = app["adapter_answer"] if source is None else model_answer(source, NOTE, QUESTION, max_tokens=12)
+        assert body["answer"] == expected.strip(), name
+        messages = [{"role": "user", "content": QUESTION}]
+        reply = client(app["url"]).chat.completions.create(model=name, messages=messages, max_tokens=3, temperature=0)
+        tok = load_tokenizer(source or "tiny-llama3")
+        assert reply.usage.prompt_tokens == len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]), name
