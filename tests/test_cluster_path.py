@@ -102,6 +102,7 @@ def test_cluster_yaml_is_coherent():
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{RAY_PIN}-py311-gpu" in dockerfile
     assert re.search(r'torch==[0-9.]+" --index-url https://download.pytorch.org/whl/cu\d+', dockerfile)
+    assert dockerfile.index('"bitsandbytes==') > dockerfile.index("torch==")  # qlora's 4-bit base, on the CUDA torch
     # token auth: one token, from the laptop, on every node; every ray start in token mode
     assert c["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
     starts = [cmd for cmd in c["head_start_ray_commands"] + c["worker_start_ray_commands"] if "ray start" in cmd]
