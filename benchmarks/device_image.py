@@ -78,10 +78,9 @@ def build_venv(target: Path) -> Path:
     stamp = target / ".requirements"
     digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()
     if not (python.exists() and stamp.exists() and stamp.read_text() == digest):
-        # --no-compile: the dry run imports a fraction of torch; compiling all of it took half the venv's minute and a half
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(target)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check", TORCH_HERE], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check", *requirements], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", TORCH_HERE], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements], check=True)
         stamp.write_text(digest)
     listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"], check=True,
                             capture_output=True, text=True).stdout.split()  # fmt: skip
