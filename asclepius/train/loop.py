@@ -133,6 +133,23 @@ def _init_distributed_if_needed() -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def skip_cpu_inference_comm_op() -> None:
+    """On the CPU, DeepSpeed's comm backend JIT-builds a shared-memory all-reduce when it starts (comm/torch.py
+    build_shm_op): about a minute per machine, and again whenever the ninja or the paths that build it change. Only
+    DeepSpeed's inference tensor parallelism calls it (inference_all_reduce); ZeRO training's collectives go through
+    torch.distributed (gloo). Marking the op incompatible in the dict DeepSpeed keeps for the process (edits to it
+    persist, deepspeed/ops/__init__.py) makes build_shm_op return None, and the backend never uses it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
+
+
 def make_optimizer(model, hp: TrainHyperparams, device: str):
     """AdamW with the recipe's settings (HF Trainer: betas 0.9/0.999, eps 1e-8). With ZeRO-Offload the optimizer
     runs on the CPU, where DeepSpeed accepts only its own CPU Adam (a client torch AdamW is refused)."""
@@ -176,6 +193,7 @@ def train(
     import torch.distributed as dist
 
     _init_distributed_if_needed()
+    skip_cpu_inference_comm_op()
     device = "cuda" if torch.cuda.is_available() and hp.use_gpu else "cpu"
     bf16 = hp.bf16 and device == "cuda"  # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are slow or unsupported
     ds_config = deepspeed_config(hp, ctx.world_size, section, bf16=bf16, offload_optimizer=hp.offload_optimizer, accumulation=accumulation)

@@ -54,6 +54,10 @@ def test_training_runs_in_train_mode_and_checkpointing_recomputes(rows):
     train(model, recording_batches(rows, log), 4, hyperparams(gradient_checkpointing=True), "finetune", TrainContext(), max_steps=2)
     assert all(modes) and len(modes) > 0  # dropout on; transformers checkpoints only in training mode
     assert len(calls) == 2 * len(log)  # every layer's forward runs again in the backward pass: checkpointing is real
+    # DeepSpeed's CPU shared-memory all-reduce (inference-only) was neither built nor used by the training
+    from deepspeed.comm import comm
+
+    assert comm.cdb is not None and comm.cdb.shm_comm_op is None
 
 
 def test_resume_in_a_later_epoch_trains_exactly_what_was_left(rows, tmp_path):
