@@ -102,20 +102,22 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
         raise ConfigError(f"the config still holds the preset's placeholders (YOUR-...) in {', '.join(left)}: set them, e.g. "
                           f"`{left[0]}=...` after the config path")  # fmt: skip
     started = time.time()
-    init_ray(cfg.ray, storage_env(cfg.storage.endpoint_url, cfg.storage.region))
-    selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
-    if cfg.ray.check_fits:  # a stage that cannot be placed would leave the job pending forever: stop before any work
-        check_fits(cfg, [s.name for s in selected])
-    check_keys(cfg, [s.name for s in selected])
+    env = storage_env(cfg.storage.endpoint_url, cfg.storage.region)
+    # the lease before Ray: a second driver on this run directory is refused at once, not after starting or joining Ray
     run = RunDir.open(cfg.run_dir)
     lease = RunLease.acquire(cfg.run_dir, cfg.lease.heartbeat_s, cfg.lease.stale_after_s)
     run = dataclasses.replace(run, lease=lease)
-    served = ServedApp(cfg, run) if cfg.serve is not None else None
-    teacher = TeacherSource(cfg, served)
-    extra = {"served": served, "served_url": lambda: served.url(with_run_models=True) if served else _no_serve(),
-             "keep_app": any(s.name == "evaluate" for s in selected)}  # fmt: skip
-    results = {}
+    served, results = None, {}
     try:
+        init_ray(cfg.ray, env)
+        selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
+        if cfg.ray.check_fits:  # a stage that cannot be placed would leave the job pending forever: stop before any work
+            check_fits(cfg, [s.name for s in selected])
+        check_keys(cfg, [s.name for s in selected])
+        served = ServedApp(cfg, run) if cfg.serve is not None else None
+        teacher = TeacherSource(cfg, served)
+        extra = {"served": served, "served_url": lambda: served.url(with_run_models=True) if served else _no_serve(),
+                 "keep_app": any(s.name == "evaluate" for s in selected)}  # fmt: skip
         for stage in selected:
             if stage.name in TRAINING and served is not None:
                 served.release()  # training gets every CPU/GPU; the app comes back when a stage needs it
