@@ -260,6 +260,26 @@ class RunLease:
         self._thread: threading.Thread | None = None
 
     @classmethod
+    def refuse_if_held(cls, run_uri: str, stale_after_s: float = 300.0) -> None:
+        """A look that writes nothing: raises RunDirLeased when another live driver holds the run directory's lease
+        now, so a second driver stops before it starts or joins Ray. `acquire`, after the pre-run checks, decides for
+        good; a lease that cannot be read here (no such store, a policy that refuses the read) is left to it."""
+        if is_remote(run_uri) and not run_uri.startswith("s3://"):
+            return
+        if is_remote(run_uri):
+            from botocore.exceptions import ClientError
+
+            try:
+                found = _S3Store(run_uri)._read()
+            except ClientError:
+                return
+            current = found[:2] if found else None
+        else:
+            current = _FileStore(open_uri(run_uri)[1])._read()  # unlocked: the file is replaced whole (os.replace)
+        if current is not None and not _free(current, Holder.this_process(), stale_after_s):
+            raise RunDirLeased(_refusal(current))
+
+    @classmethod
     def acquire(cls, run_uri: str, heartbeat_s: float = 30.0, stale_after_s: float = 300.0) -> RunLease | None:
         if is_remote(run_uri) and not run_uri.startswith("s3://"):
             log.warning("%s: no lease on this kind of object storage; a second driver on this run directory is not prevented",

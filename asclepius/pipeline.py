@@ -103,21 +103,21 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
                           f"`{left[0]}=...` after the config path")  # fmt: skip
     started = time.time()
     env = storage_env(cfg.storage.endpoint_url, cfg.storage.region)
-    # the lease before Ray: a second driver on this run directory is refused at once, not after starting or joining Ray
+    RunLease.refuse_if_held(cfg.run_dir, cfg.lease.stale_after_s)  # a second driver stops at once, before Ray starts
+    init_ray(cfg.ray, env)
+    selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
+    if cfg.ray.check_fits:  # a stage that cannot be placed would leave the job pending forever: stop before any work
+        check_fits(cfg, [s.name for s in selected])
+    check_keys(cfg, [s.name for s in selected])
     run = RunDir.open(cfg.run_dir)
     lease = RunLease.acquire(cfg.run_dir, cfg.lease.heartbeat_s, cfg.lease.stale_after_s)
     run = dataclasses.replace(run, lease=lease)
-    served, results = None, {}
+    served = ServedApp(cfg, run) if cfg.serve is not None else None
+    teacher = TeacherSource(cfg, served)
+    extra = {"served": served, "served_url": lambda: served.url(with_run_models=True) if served else _no_serve(),
+             "keep_app": any(s.name == "evaluate" for s in selected)}  # fmt: skip
+    results = {}
     try:
-        init_ray(cfg.ray, env)
-        selected = [s for s in pipeline_stages(cfg) if not stages or s.name in stages]
-        if cfg.ray.check_fits:  # a stage that cannot be placed would leave the job pending forever: stop before any work
-            check_fits(cfg, [s.name for s in selected])
-        check_keys(cfg, [s.name for s in selected])
-        served = ServedApp(cfg, run) if cfg.serve is not None else None
-        teacher = TeacherSource(cfg, served)
-        extra = {"served": served, "served_url": lambda: served.url(with_run_models=True) if served else _no_serve(),
-                 "keep_app": any(s.name == "evaluate" for s in selected)}  # fmt: skip
         for stage in selected:
             if stage.name in TRAINING and served is not None:
                 served.release()  # training gets every CPU/GPU; the app comes back when a stage needs it

@@ -40,12 +40,20 @@ def test_a_second_driver_is_refused_naming_the_holder(run_uri):
     try:
         with pytest.raises(RunDirLeased, match=rf"in use by another driver: \S+ pid {os.getpid()} .*renewed \d+ s ago"):
             RunLease.acquire(run_uri, heartbeat_s=0.2, stale_after_s=60)
+        with pytest.raises(RunDirLeased, match=rf"in use by another driver: \S+ pid {os.getpid()} "):
+            RunLease.refuse_if_held(run_uri, stale_after_s=60)  # the look before Ray says the same, writing nothing
         time.sleep(0.6)  # heartbeats renew it; the holder still holds it
         first.check()
     finally:
         first.release()
-    second = RunLease.acquire(run_uri, heartbeat_s=0.2, stale_after_s=60)  # released: free again
+    RunLease.refuse_if_held(run_uri, stale_after_s=60)  # released: free again
+    second = RunLease.acquire(run_uri, heartbeat_s=0.2, stale_after_s=60)
     second.release()
+
+
+def test_the_look_before_ray_writes_nothing(tmp_path):
+    RunLease.refuse_if_held(str(tmp_path / "new-run"), stale_after_s=60)  # a run directory not made yet stays unmade
+    assert not (tmp_path / "new-run").exists()
 
 
 def test_a_stale_lease_is_taken_over_and_its_holder_stops_writing(run_uri, caplog):
