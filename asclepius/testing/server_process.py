@@ -12,8 +12,30 @@ import time
 import urllib.request
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, for a server that binds it later. Picked below the kernel's ephemeral range, where every bind
+    to port 0 draws (Ray's own components among them: one took a Serve port chosen that way between the pick and the
+    bind), and above Ray's worker ports (10002-19999), so nothing else is handed it in between."""
+    import random
+
+    low, high = 20000, _ephemeral_low() - 1
+    for _ in range(200 if high > low else 0):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
