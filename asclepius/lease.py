@@ -248,6 +248,13 @@ def _lost(current: tuple[Holder, float] | None) -> str:
     return f"this driver lost its lease on the run directory ({who}); it stops without writing anything more"
 
 
+def _store_for(run_uri: str) -> _FileStore | _S3Store | None:
+    """Where a run directory's lease lives: a file, an S3 object, or nowhere (other object stores)."""
+    if is_remote(run_uri):
+        return _S3Store(run_uri) if run_uri.startswith("s3://") else None
+    return _FileStore(open_uri(run_uri)[1])
+
+
 # ----------------------------------------------------------------------------------------------- the lease
 class RunLease:
     """The lease of one driver on one run directory, with its heartbeat thread. `check()` raises LeaseLost once the
@@ -264,28 +271,29 @@ class RunLease:
         """A look that writes nothing: raises RunDirLeased when another live driver holds the run directory's lease
         now, so a second driver stops before it starts or joins Ray. `acquire`, after the pre-run checks, decides for
         good; a lease that cannot be read here (no such store, a policy that refuses the read) is left to it."""
-        if is_remote(run_uri) and not run_uri.startswith("s3://"):
-            return
-        if is_remote(run_uri):
+        store = _store_for(run_uri)
+        if isinstance(store, _S3Store):
             from botocore.exceptions import ClientError
 
             try:
-                found = _S3Store(run_uri)._read()
+                found = store._read()
             except ClientError:
                 return
             current = found[:2] if found else None
+        elif store is not None:
+            current = store._read()  # unlocked: the file is replaced whole (os.replace)
         else:
-            current = _FileStore(open_uri(run_uri)[1])._read()  # unlocked: the file is replaced whole (os.replace)
+            return
         if current is not None and not _free(current, Holder.this_process(), stale_after_s):
             raise RunDirLeased(_refusal(current))
 
     @classmethod
     def acquire(cls, run_uri: str, heartbeat_s: float = 30.0, stale_after_s: float = 300.0) -> RunLease | None:
-        if is_remote(run_uri) and not run_uri.startswith("s3://"):
+        store = _store_for(run_uri)
+        if store is None:
             log.warning("%s: no lease on this kind of object storage; a second driver on this run directory is not prevented",
                         run_uri.split("://")[0] + "://")  # fmt: skip
             return None
-        store = _S3Store(run_uri) if is_remote(run_uri) else _FileStore(open_uri(run_uri)[1])
         holder = Holder.this_process()
         taken = store.acquire(holder, stale_after_s)
         if taken is not None:
