@@ -23,7 +23,6 @@ uploaded, and rank 0's metrics log is uploaded every `METRICS_UPLOAD_S` seconds 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -169,7 +168,8 @@ def _worker(config: dict) -> None:
 
     from asclepius.models import load_model, load_tokenizer
     from asclepius.train.adapters import quantization_config
-    from asclepius.train.loop import TrainContext, train
+    from asclepius.train.loop import train
+    from asclepius.train.ray_context import RayTrainContext
 
     hp: TrainHyperparams = config["hp"]
     context = ray.train.get_context()
@@ -177,28 +177,6 @@ def _worker(config: dict) -> None:
     torch.manual_seed(hp.seed)
 
     metrics_log = _MetricsLog(config["metrics_file"]) if rank == 0 else None
-
-    class RayContext(TrainContext):
-        keeps_checkpoints = True
-
-        def report(self, metrics, checkpoint_dir=None, step=0):
-            from ray.train import Checkpoint, CheckpointUploadMode
-
-            self.history.append(metrics)
-            if rank == 0:  # a JSON lines log for the loss curve, and the dashboard's gauges
-                metrics_log.append(metrics, force_upload=checkpoint_dir is not None)
-                from asclepius import metrics as dashboard
-
-                dashboard.training_step(config["section"], metrics["step"], metrics["loss"], metrics["tokens_per_s"], metrics.get("mfu"))
-            ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            # uploaded in the background (Ray Train's one upload thread), the local copy deleted after: a 7B ZeRO
-            # state of ~94 GB no longer stops training for its upload; the last one is awaited before the run ends
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step-{step:06d}" if ckpt else None,
-                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
-
-        def latest_checkpoint(self):
-            ckpt = ray.train.get_checkpoint()
-            return ckpt.as_directory() if ckpt else contextlib.nullcontext(None)
 
     packed_attention, implementation = attention_for(hp, config["section"], hp.use_gpu)
     source = local_copy(config["source"]) if is_remote(config["source"]) else config["source"]  # once per node
@@ -216,7 +194,7 @@ def _worker(config: dict) -> None:
     remote_export = is_remote(config["export_dir"])
     export_dir = tempfile.mkdtemp(prefix="asclepius-export-") if remote_export else config["export_dir"]
     result = train(
-        model, batches, config["steps_per_epoch"], hp, config["section"], RayContext(rank=rank, world_size=world),
+        model, batches, config["steps_per_epoch"], hp, config["section"], RayTrainContext(rank=rank, world_size=world, metrics_log=metrics_log, section=config["section"]),
         export_dir=export_dir, tokenizer=tokenizer, packed_attention=packed_attention, max_steps=hp.max_steps,
         checkpoint_every=hp.checkpoint_every_steps, accumulation=config["accumulation"],
     )  # fmt: skip

@@ -130,3 +130,30 @@ def test_nothing_is_saved_when_nothing_keeps_it(rows, monkeypatch):
     monkeypatch.setattr(deepspeed.DeepSpeedEngine, "save_checkpoint", lambda self, *a, **k: saves.append(a) or original(self, *a, **k))
     train(load_model("tiny"), recording_batches(rows, []), 4, hyperparams(), "finetune", TrainContext(), max_steps=3, checkpoint_every=1)
     assert saves == []  # a benchmark's context has no root: no ZeRO state written to /tmp at every step
+
+
+def test_under_ray_train_only_checkpoints_are_reported_to_ray_train(rows, monkeypatch):
+    """Ray Train's controller takes one report per worker per health check (2 s): a report every step queued in the
+    upload thread whenever steps were shorter, delaying every checkpoint's commit and the run's end by 2 s a step.
+    Every step still reaches rank 0's metrics log (the loss curve, the dashboard)."""
+    import ray.train
+
+    from asclepius.train.ray_context import RayTrainContext
+
+    reported, logged = [], []
+
+    class MetricsLog:
+        def append(self, metrics, force_upload=False):
+            logged.append((metrics["step"], force_upload))
+
+    def report(metrics, checkpoint=None, checkpoint_dir_name=None, checkpoint_upload_mode=None):
+        assert checkpoint is not None and os.path.isdir(checkpoint.path) and checkpoint_upload_mode.name == "ASYNC"
+        reported.append((metrics["step"], checkpoint_dir_name))
+
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    ctx = RayTrainContext(metrics_log=MetricsLog(), section="finetune")
+    result = train(load_model("tiny"), recording_batches(rows, []), 4, hyperparams(), "finetune", ctx, max_steps=5, checkpoint_every=2)
+    assert result.final_step == 5 and [h["step"] for h in result.history] == [1, 2, 3, 4, 5]
+    assert reported == [(2, "step-000002"), (4, "step-000004"), (5, "step-000005")]  # the checkpoints, and the last step's
+    assert logged == [(1, False), (2, True), (3, False), (4, True), (5, True)]
