@@ -8,6 +8,15 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Every Ray instance the tests start (this session's, a CLI run's, a fake cluster's) inherits these. Both change
+# when Ray does things, never what it does:
+# - Ray Train's controller looks at its workers every 2 s by default; a tiny model's run waits seconds for those
+#   looks (its last checkpoint, its end). Every half second instead.
+# - A node keeps up to its CPU count of idle worker processes; while training actors hold processes, the Ray Data
+#   workers that tokenized (torch and transformers imported, ~8 s to start again) are killed after a second idle.
+#   Kept instead, the next stage's tasks reuse them.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_num_workers_soft_limit", "6")
 
 
 @pytest.fixture(scope="session")
