@@ -173,6 +173,46 @@ def compute_params(model) -> int:
     return total if tied else total - numel(embed)
 
 
+CHECKPOINT_SCRATCH_PREFIX = "asclepius-ckpt-"
+
+
+def checkpoint_scratch_dir() -> str:
+    """A node-local folder for one checkpoint before the context keeps it, named after this process."""
+    return tempfile.mkdtemp(prefix=f"{CHECKPOINT_SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def remove_orphaned_checkpoint_scratch(root: str | None = None) -> list[str]:
+    """Delete the checkpoint folders that processes now gone left behind; the deleted paths.
+
+    A checkpoint is saved to a local folder and handed over; Ray Train deletes it once uploaded. A worker killed in
+    between (a lost node, a worker restart, which kills the whole worker group) leaves it on the node's disk: a 7B
+    ZeRO state is ~94 GB across the ranks, so a few restarts fill a node. Each training worker clears what dead
+    ones left when it starts. A folder whose process is alive, or not ours by its name, is never touched."""
+    import shutil
+
+    root = root or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(root):
+        pid = name[len(CHECKPOINT_SCRATCH_PREFIX):].split("-", 1)[0] if name.startswith(CHECKPOINT_SCRATCH_PREFIX) else ""
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(os.path.join(root, name))
+    if removed:
+        log.info("removed %d checkpoint folders left by stopped workers", len(removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def train(
     model,
     batches: Callable[[int, int], Iterator[dict]],
@@ -194,6 +234,8 @@ def train(
 
     _init_distributed_if_needed()
     skip_cpu_inference_comm_op()
+    if ctx.keeps_checkpoints:
+        remove_orphaned_checkpoint_scratch()
     device = "cuda" if torch.cuda.is_available() and hp.use_gpu else "cpu"
     bf16 = hp.bf16 and device == "cuda"  # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are slow or unsupported
     ds_config = deepspeed_config(hp, ctx.world_size, section, bf16=bf16, offload_optimizer=hp.offload_optimizer, accumulation=accumulation)
@@ -268,7 +310,7 @@ def train(
             window_loss, window_tokens, window_flops, window_start = 0.0, 0, 0.0, time.time()
             done = step >= total_steps
             if ctx.keeps_checkpoints and ((checkpoint_every and step % checkpoint_every == 0) or done):
-                tmp = tempfile.mkdtemp(prefix="asclepius-ckpt-")  # the context deletes it once kept
+                tmp = checkpoint_scratch_dir()  # the context deletes it once kept
                 # with an adapter, the checkpoint holds it alone (the frozen base comes from its source on resume)
                 engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=adapter)
                 if ctx.rank == 0:

@@ -157,3 +157,26 @@ def test_under_ray_train_only_checkpoints_are_reported_to_ray_train(rows, monkey
     assert result.final_step == 5 and [h["step"] for h in result.history] == [1, 2, 3, 4, 5]
     assert reported == [(2, "step-000002"), (4, "step-000004"), (5, "step-000005")]  # the checkpoints, and the last step's
     assert logged == [(1, False), (2, True), (3, False), (4, True), (5, True)]
+
+
+def test_checkpoint_folders_of_dead_workers_are_removed_and_no_others(tmp_path, monkeypatch):
+    """A worker killed between saving a checkpoint and its upload leaves the local copy (a 7B ZeRO state: ~94 GB on a
+    node); the next worker to start on the node deletes it, and never a live process's or a folder not ours."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from asclepius.train.loop import checkpoint_scratch_dir, remove_orphaned_checkpoint_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = checkpoint_scratch_dir()
+    assert os.path.basename(mine).startswith(f"asclepius-ckpt-{os.getpid()}-")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = tmp_path / f"asclepius-ckpt-{gone}-abc123"
+    (dead / "state").mkdir(parents=True)
+    (dead / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
+    others = [tmp_path / "asclepius-ckpt-notapid", tmp_path / "someone-else-1"]
+    for path in others:
+        path.mkdir()
+    assert remove_orphaned_checkpoint_scratch() == [str(dead)]
+    assert not dead.exists() and os.path.isdir(mine) and all(p.exists() for p in others)
