@@ -100,7 +100,7 @@ def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path, storage):
     """kill -9 of the job (driver and its Ray instance) mid-stage, then the same command again: nothing finished is
     sent twice — with the run on a local disk, and in S3 (the ledger's group-committed objects)."""
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(openai_test_server(rpm=100000, tpm=10**9, latency_s=1.5, completion_tokens=20))
+        server = stack.enter_context(openai_test_server(rpm=100000, tpm=10**9, latency_s=0.5, completion_tokens=20))
         data = config(tmp_path, server, synthesize={"limit": 12, "max_tokens_cap": 32})
         env = {**os.environ, "RAY_ADDRESS": ""}
         if storage == "s3":
