@@ -82,3 +82,15 @@ def test_low_modules_import_nothing_above_them():
         assert not reach & above, (low, reach & above)
     # the teacher reports progress through asclepius.progress, not the console
     assert "asclepius.console" not in graph["asclepius.teacher.ray_data"]
+
+
+def test_the_driver_starts_without_torch_or_nltk():
+    """Every CLI command, and every Ray Data task that tokenizes or packs, imports the pipeline's stage modules:
+    torch (via the training data module) and nltk with scipy (via rouge-score, for the question pool) cost 4.5 s of
+    a 6.7 s import there on 2 CPUs. Only the processes that train, serve or filter questions import them."""
+    import subprocess
+    import sys
+
+    code = "import sys, asclepius.cli, asclepius.pipeline, asclepius.train.ray_train; print(sorted({'torch', 'nltk', 'scipy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

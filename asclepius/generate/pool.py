@@ -34,7 +34,6 @@ from collections import Counter, defaultdict
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
-from rouge_score import tokenizers
 
 from asclepius.run import stable_fraction
 from asclepius.storage import AppendLog, read_log
@@ -64,6 +63,8 @@ class TaskPool:
         self.threshold = threshold
         self.seeds = list(seeds)
         self.pool: list[str] = []
+        from rouge_score import tokenizers  # here: it imports nltk and scipy (2 s), which only the pool needs
+
         self._tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)  # rouge-score's tokens, exactly
         self._ids: dict[str, str] = {}  # token → its one-character code
         self._codes = _Growing(object)  # every seed and pool question as a string of token codes

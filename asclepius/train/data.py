@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from asclepius.storage import is_remote, open_uri, uri_join, write_bytes
 
@@ -254,6 +253,8 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor | int]:
     Also the varlen layout, once per batch rather than in every layer: `cu_seq_lens` (int32 offsets of every segment
     — each example, and a row's padding as one more — in the flattened batch) and `max_length` (a Python int, so
     flash-attention never reads it back from the GPU)."""
+    import torch  # here, not at the top: the driver and the tokenizing tasks use this module without torch (2 s)
+
     length = max(len(r["input_ids"]) for r in rows)
     out = {k: np.zeros((len(rows), length), dtype=np.int64) for k in ("input_ids", "labels", "position_ids", "segment_ids")}
     out["labels"][:] = IGNORE
@@ -278,6 +279,8 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor | int]:
 def block_diagonal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(batch, 1, L, L) additive mask: a token attends to earlier tokens of its own example only (a row's padding
     is one segment, attending to itself, so no row is fully masked; its labels are ignored anyway)."""
+    import torch
+
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.tril(torch.ones(segment_ids.shape[1], segment_ids.shape[1], dtype=torch.bool, device=segment_ids.device))
     allowed = same & causal[None]
@@ -323,6 +326,7 @@ def model_inputs(batch: dict, dtype: torch.dtype, packed_attention: str = "mask"
 def attention_seq_len(segment_ids: torch.Tensor) -> float:
     """The attention span that FLOPs are counted over: Σ len² / Σ len over the examples of the batch (an example
     attends only within itself; a single-segment block spans the whole block)."""
+    import torch
     seg = segment_ids[segment_ids > 0]
     if seg.numel() == 0:
         return 0.0
