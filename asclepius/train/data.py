@@ -327,6 +327,7 @@ def attention_seq_len(segment_ids: torch.Tensor) -> float:
     """The attention span that FLOPs are counted over: Σ len² / Σ len over the examples of the batch (an example
     attends only within itself; a single-segment block spans the whole block)."""
     import torch
+
     seg = segment_ids[segment_ids > 0]
     if seg.numel() == 0:
         return 0.0

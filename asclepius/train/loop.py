@@ -181,7 +181,7 @@ def checkpoint_scratch_dir() -> str:
     return tempfile.mkdtemp(prefix=f"{CHECKPOINT_SCRATCH_PREFIX}{os.getpid()}-")
 
 
-def remove_orphaned_checkpoint_scratch(root: str | None = None) -> list[str]:
+def remove_orphaned_checkpoint_scratch() -> list[str]:
     """Delete the checkpoint folders that processes now gone left behind; the deleted paths.
 
     A checkpoint is saved to a local folder and handed over; Ray Train deletes it once uploaded. A worker killed in
@@ -190,27 +190,19 @@ def remove_orphaned_checkpoint_scratch(root: str | None = None) -> list[str]:
     ones left when it starts. A folder whose process is alive, or not ours by its name, is never touched."""
     import shutil
 
-    root = root or tempfile.gettempdir()
+    import psutil  # as asclepius.lease asks whether a lease's holder is gone
+
+    root = tempfile.gettempdir()
     removed = []
     for name in os.listdir(root):
         pid = name[len(CHECKPOINT_SCRATCH_PREFIX):].split("-", 1)[0] if name.startswith(CHECKPOINT_SCRATCH_PREFIX) else ""
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or psutil.pid_exists(int(pid)):
             continue
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         removed.append(os.path.join(root, name))
     if removed:
         log.info("removed %d checkpoint folders left by stopped workers", len(removed))
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def train(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.train
+from ray.train import Checkpoint, CheckpointUploadMode
 
 from asclepius.train.loop import TrainContext
 
@@ -24,8 +25,6 @@ class RayTrainContext(TrainContext):
         return True
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None, step: int = 0) -> None:
-        from ray.train import Checkpoint, CheckpointUploadMode
-
         self.history.append(metrics)
         if self.metrics_log is not None:  # rank 0: a JSON lines log for the loss curve, and the dashboard's gauges
             self.metrics_log.append(metrics, force_upload=checkpoint_dir is not None)
