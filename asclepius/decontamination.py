@@ -22,17 +22,34 @@ def _overlap(a: pd.DataFrame, a_hash: str, b: pd.DataFrame, b_hash: str) -> tupl
     return len(ids), len(hashes)
 
 
+class HeldOutNotes:
+    """The held-out evaluation notes' ids and text hashes, read once, to check data part by part as it is written."""
+
+    def __init__(self, run: RunDir):
+        eval_notes = run.read_frame("eval_notes", ["note_id", "text_sha1"])
+        self.count = len(eval_notes)
+        self.ids = set(eval_notes.note_id)
+        self.hashes = set(eval_notes.text_sha1.dropna())
+
+    def check(self, used: pd.DataFrame, what: str = "instruction data") -> None:
+        """Raise if `used` (columns note_id and note_sha1) holds a held-out note, by id or by the hash of its text."""
+        if not self.count or used.empty:
+            return
+        ids, hashes = len(self.ids & set(used.note_id)), len(self.hashes & set(used.note_sha1.dropna()))
+        if ids or hashes:
+            raise ContaminationError(f"{what} contains {ids} held-out note ids and {hashes} held-out note texts")
+
+    def result(self) -> dict:
+        """What the manifest records once every part passed."""
+        return {"eval_notes": int(self.count), "overlap_ids": 0, "overlap_text": 0, "clean": True}
+
+
 def check_decontamination(run: RunDir, used: pd.DataFrame, what: str = "instruction data") -> dict:
     """No held-out evaluation note (by id or by the hash of its text) may be in `used` (columns note_id and
     note_sha1). Raises on any overlap."""
-    eval_notes = run.read_frame("eval_notes", ["note_id", "text_sha1"])
-    if eval_notes.empty or used.empty:
-        return {"eval_notes": int(len(eval_notes)), "overlap_ids": 0, "overlap_text": 0, "clean": True}
-    ids, hashes = _overlap(eval_notes, "text_sha1", used, "note_sha1")
-    result = {"eval_notes": int(len(eval_notes)), "overlap_ids": ids, "overlap_text": hashes, "clean": not ids and not hashes}
-    if not result["clean"]:
-        raise ContaminationError(f"{what} contains {ids} held-out note ids and {hashes} held-out note texts")
-    return result
+    held_out = HeldOutNotes(run)
+    held_out.check(used, what)
+    return held_out.result()
 
 
 def training_notes(run: RunDir, case_report_sources: list[str]) -> pd.DataFrame:

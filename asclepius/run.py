@@ -199,11 +199,7 @@ class RunDir:
                 with self.fs.open_input_file(p) as f:
                     tables.append(pq.read_table(f, columns=columns))
             except (OSError, pa.ArrowException) as err:
-                raise StageInputError(
-                    f"cannot read {self.uri.rstrip('/')}/{posixpath.relpath(p, self.root)} ({type(err).__name__}: "
-                    f"{str(err)[:200]}); the stage stops rather than read it as empty. Rerun the stage that wrote it "
-                    f"(--force) or restore the file."
-                ) from None
+                raise self._unreadable(p, err) from None
         return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
     def read_frame(self, folder: str, columns: list[str] | None = None):
@@ -213,11 +209,43 @@ class RunDir:
         table = self.read_table(folder, columns)
         return table.to_pandas() if table is not None else pd.DataFrame(columns=columns or [])
 
+    def iter_frames(self, folder: str, columns: list[str] | None = None, batch_rows: int = 1000):
+        """A published table as pandas frames of at most `batch_rows` rows, file by file: a table of any size is read
+        holding one batch. Nothing if the folder is not there; a file that cannot be read stops the caller."""
+        for p in [p for p in self.files(folder) if p.endswith(".parquet")]:
+            try:
+                with self.fs.open_input_file(p) as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+                        yield batch.to_pandas()
+            except (OSError, pa.ArrowException) as err:
+                raise self._unreadable(p, err) from None
+
+    def count_rows(self, folder: str) -> int:
+        """Rows in a published table, from its files' footers (no data is read)."""
+        total = 0
+        for p in [p for p in self.files(folder) if p.endswith(".parquet")]:
+            try:
+                with self.fs.open_input_file(p) as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+            except (OSError, pa.ArrowException) as err:
+                raise self._unreadable(p, err) from None
+        return total
+
+    def _unreadable(self, path: str, err: Exception) -> StageInputError:
+        return StageInputError(
+            f"cannot read {self.uri.rstrip('/')}/{posixpath.relpath(path, self.root)} ({type(err).__name__}: "
+            f"{str(err)[:200]}); the stage stops rather than read it as empty. Rerun the stage that wrote it "
+            f"(--force) or restore the file."
+        )
+
     def write_frame(self, folder_path: str, df, name: str) -> str:
         """Write a pandas frame as one Parquet file into `folder_path` (a full path inside the run), atomically."""
+        return self.write_table(folder_path, pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), name)
+
+    def write_table(self, folder_path: str, table: pa.Table, name: str) -> str:
+        """`write_frame` for an Arrow table."""
         ensure_dir(self.fs, folder_path)
         path = posixpath.join(folder_path, name)
-        table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
         if not self.is_local:  # one PUT is all or nothing
             with self.fs.open_output_stream(path) as f:
                 pq.write_table(table, f)

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from asclepius.config import Config, TeacherConfig
 from asclepius.progress import live_bar
 from asclepius.run import RunDir, make_private_dir
-from asclepius.storage import uri_join
+from asclepius.storage import ensure_dir, uri_join
 from asclepius.teacher.client import (
     ActorLimiter,
     ChatRequest,
@@ -36,7 +38,7 @@ from asclepius.teacher.client import (
     key_identity,
     token_counter,
 )
-from asclepius.teacher.cost import SpendEstimate, check_budget, estimate, price_for
+from asclepius.teacher.cost import SpendEstimate, check_budget, cost_usd, price_for
 from asclepius.teacher.ledger import Ledger, scan_ledger
 from asclepius.teacher.limiter import limiter_actor
 
@@ -131,19 +133,28 @@ class TeacherUDF:
 
 
 def _count_batch(batch: pa.Table, cfg: TeacherConfig, stage: str, defaults: dict, finished: frozenset) -> pa.Table:
-    return pa.table(_count_rows(batch.to_pylist(), cfg, stage, defaults, finished))
+    return pa.table({k: [v] for k, v in count_requests(batch.to_pylist(), cfg, stage, defaults, finished).items()})
 
 
-def _count_rows(rows: list[dict], cfg: TeacherConfig, stage: str, defaults: dict, finished: frozenset) -> dict[str, list]:
+def count_requests(rows: list[dict], cfg: TeacherConfig, stage: str, defaults: dict, finished: frozenset) -> dict[str, int]:
+    """What the plan needs of some requests, summed: how many, how many the ledger holds (`cached`), and the prompt and
+    completion tokens of the others (what is still to pay for)."""
     counter = token_counter(cfg)
     endpoint = key_identity(cfg)
-    prompt, completion, cached = [], [], []
+    sums = {"requests": 0, "cached": 0, "prompt": 0, "completion": 0}
     for row in rows:
         req = _request(row, stage, defaults)
-        cached.append(req.key(endpoint, cfg.model) in finished)
-        prompt.append(req.prompt_tokens(counter))
-        completion.append(req.max_tokens * req.n)
-    return {"prompt": prompt, "completion": completion, "cached": cached}
+        sums["requests"] += 1
+        if req.key(endpoint, cfg.model) in finished:
+            sums["cached"] += 1
+            continue
+        sums["prompt"] += req.prompt_tokens(counter)
+        sums["completion"] += req.max_tokens * req.n
+    return sums
+
+
+def add_counts(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    return {k: total.get(k, 0) + int(more.get(k, 0)) for k in ("requests", "cached", "prompt", "completion")}
 
 
 @dataclass
@@ -177,20 +188,29 @@ def plan_requests(rows: ray.data.Dataset | pd.DataFrame, cfg: TeacherConfig, sta
     count_args = dict(cfg=cfg, stage=stage, defaults=defaults, finished=frozenset(scan.records))
     if isinstance(rows, pd.DataFrame):
         # through Arrow, as Ray Data hands the rows to the actors (NaN becomes None): the same request keys
-        table = pa.Table.from_pandas(rows, preserve_index=False)
-        counts = pd.DataFrame(_count_rows(table.to_pylist(), **count_args), columns=["prompt", "completion", "cached"])
+        counts = count_requests(pa.Table.from_pandas(rows, preserve_index=False).to_pylist(), **count_args)
     else:
-        counts = rows.map_batches(
+        counts = {}
+        parts = rows.map_batches(
             _count_batch, batch_format="pyarrow", fn_kwargs=count_args,
             num_cpus=0.1,  # counting tokens is light; a whole CPU may not be free while the teacher is served here
-        ).to_pandas()  # fmt: skip
-    todo = counts[~counts["cached"]]
+        ).take_all()  # fmt: skip
+        for part in parts:
+            counts = add_counts(counts, part)
+    return plan_from_counts(counts, scan, cfg, stage, ledger_dir, spent_usd)
+
+
+def plan_from_counts(counts: dict[str, int], scan, cfg: TeacherConfig, stage: str, ledger_dir: str, spent_usd: float = 0.0) -> Plan:
+    """The plan for requests already counted (`count_requests`) against the ledger `scan`: the estimate, the budget
+    check, the cluster's limiter, the requests in flight per actor."""
+    counts = add_counts({}, counts)
+    to_send = counts["requests"] - counts["cached"]
     price = teacher_price(cfg)
-    est = estimate(todo["prompt"].tolist(), todo["completion"].tolist(), 1, price)
-    mean_tokens = float((todo["prompt"] + todo["completion"]).mean()) if len(todo) else 1.0
-    concurrency = concurrency_for(cfg, mean_tokens, len(todo))
+    est = SpendEstimate(to_send, counts["prompt"], counts["completion"], cost_usd(counts["prompt"], counts["completion"], price))
+    mean_tokens = (counts["prompt"] + counts["completion"]) / to_send if to_send else 1.0
+    concurrency = concurrency_for(cfg, mean_tokens, to_send)
     log.info("teacher %s: %s; %d already in the ledger; %d actors × %d in flight", stage, est.line(cfg.model),
-             int(counts["cached"].sum()), cfg.num_actors, concurrency)  # fmt: skip
+             counts["cached"], cfg.num_actors, concurrency)  # fmt: skip
     # paid already: the earlier stages (spent_usd) and what this ledger holds (answered once, never paid again); and
     # the requests in flight at once, which a lost node would send (and the provider bill) a second time
     paid_here = sum(float(r.get("cost_usd") or 0) for r in scan.records.values())
@@ -198,7 +218,7 @@ def plan_requests(rows: ray.data.Dataset | pd.DataFrame, cfg: TeacherConfig, sta
     check_budget(est, cfg.budget_usd, spent_usd + paid_here, reserve)
     name = default_limiter_name(cfg)
     limiter_actor(name, cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_safety, window_s=cfg.window_s, accounting=cfg.rate_accounting)
-    return Plan(est, int(counts["cached"].sum()), name, ledger_dir, concurrency)
+    return Plan(est, counts["cached"], name, ledger_dir, concurrency)
 
 
 def run_requests(ds: ray.data.Dataset, cfg: TeacherConfig, stage: str, plan: Plan, defaults: dict | None = None,
@@ -314,10 +334,14 @@ def teacher_identity(cfg: Config) -> str:
     return f"{key_identity(cfg.teacher)}|{cfg.teacher.model}"  # the model, not its address (see key_identity)
 
 
-def guard_privacy(teacher: TeacherConfig, rows: pd.DataFrame) -> None:
-    """Every row carries its provenance (`credentialed`); the guard counts those rows, whatever their source's name."""
-    credentialed = int(rows["credentialed"].fillna(True).astype(bool).sum()) if "credentialed" in rows else len(rows)
-    check_privacy(teacher, credentialed, set(rows["source"]) if "source" in rows else set())
+def guard_privacy(teacher: TeacherConfig, rows) -> None:
+    """Every row carries its provenance (`credentialed`); the guard counts those rows, whatever their source's name.
+    `rows`: a frame, or frames one after another (a table read in batches)."""
+    credentialed, sources = 0, set()
+    for frame in [rows] if isinstance(rows, pd.DataFrame) else rows:
+        credentialed += int(frame["credentialed"].fillna(True).astype(bool).sum()) if "credentialed" in frame else len(frame)
+        sources |= set(frame["source"]) if "source" in frame else set()
+    check_privacy(teacher, credentialed, sources)
     check_batch_privacy(teacher, credentialed)
 
 
@@ -339,6 +363,128 @@ def ask_rows(cfg: TeacherConfig, stage: str, df: pd.DataFrame, directory: str, h
             out = run_requests(ds, cfg, stage, plan, hooks=hooks).to_pandas()
     out.attrs["plan"] = {"to_send": plan.estimate.requests, "in_ledger": plan.already_done, "usd_max": round(plan.estimate.usd_max, 6),
                          "mode": cfg.mode, "actors": cfg.num_actors, "in_flight_per_actor": plan.concurrency}  # fmt: skip
+    return out
+
+
+STREAM_BLOCK_ROWS = 1000  # rows per request file and per batch handed back: what one process holds at a time
+
+
+def _read_request_file(batch: pa.Table, fs) -> pa.Table:
+    with fs.open_input_file(batch.column("path")[0].as_py()) as f:
+        return pq.read_table(f)
+
+
+class TeacherStream:
+    """`ask_rows` for any number of rows, with nothing of their number held in one process: the stage hands its
+    request rows over in chunks; they are written as Parquet files under `work_dir` (in the run directory, which
+    every node reads) while the plan's counts are summed; then Ray Data streams the files through the actors and the
+    answered rows come back a block at a time, in the order they were given, for the stage to filter and write.
+
+        stream = TeacherStream(teacher, "answers", ledger, work_dir, run.fs, expected_rows=n)
+        for answered in stream.answers(chunks):   # pandas frames of ≤ block_rows rows
+            ...
+        stream.totals()                             # teacher_totals over every row, with the plan
+
+    Batch mode (`teacher.mode: batch`) holds the rows on the driver: the Batch API's one input file holds them too.
+    """
+
+    def __init__(self, cfg: TeacherConfig, stage: str, directory: str, work_dir: str, fs, hooks=None, spent_usd: float = 0.0,
+                 expected_rows: int | None = None, block_rows: int = STREAM_BLOCK_ROWS):  # fmt: skip
+        self.cfg, self.stage, self.directory, self.work_dir, self.fs = cfg, stage, directory, work_dir, fs
+        self.hooks, self.spent_usd = hooks, spent_usd
+        # every actor must have blocks to work on (a block goes to one actor): a few per actor, as ask_rows splits
+        per_actor = -(-(expected_rows or block_rows) // (cfg.num_actors * 4))
+        self.block_rows = max(1, min(block_rows, per_actor))
+        self.plan: Plan | None = None
+        self._totals: list[dict] = []
+
+    def _write_requests(self, chunks) -> tuple[list[str], dict]:
+        scan = scan_ledger(self.directory, compact_parts=True)  # before any actor writes
+        count_args = dict(cfg=self.cfg, stage=self.stage, defaults={}, finished=frozenset(scan.records))
+        ensure_dir(self.fs, self.work_dir)
+        files, counts = [], {}
+        for chunk in chunks:
+            for start in range(0, len(chunk), self.block_rows):
+                table = pa.Table.from_pandas(chunk.iloc[start : start + self.block_rows], preserve_index=False)
+                counts = add_counts(counts, count_requests(table.to_pylist(), **count_args))
+                path = f"{self.work_dir}/requests-{len(files):07d}.parquet"  # names sort in the rows' order
+                with self.fs.open_output_stream(path) as f:
+                    pq.write_table(table, f)
+                files.append(path)
+        self.plan = plan_from_counts(counts, scan, self.cfg, self.stage, self.directory, self.spent_usd)
+        return files, counts
+
+    def answers(self, chunks):
+        """Yields the answered rows (the request rows with OUTPUT_COLUMNS) as pandas frames, in the given order."""
+        files, _ = self._write_requests(chunks)
+        if not files:
+            return
+        if self.cfg.mode == "batch":
+            rows = pd.concat([self._read(p) for p in files], ignore_index=True)
+            yield from self._counted(self._pieces(ask_batch(self.cfg, self.stage, rows, self.directory, self.plan)))
+            return
+        # A block per file, read by one task at a time: read_parquet reads small files as one block (one actor's
+        # work), and a read fused into the actors' calls would take several files per call (Ray Data fuses maps whose
+        # remote arguments are equal, so this one asks for a different sliver of a CPU than the actors' 0.1). One at a
+        # time, because each concurrent task is a Python worker to start (~150 MiB, seconds of CPU) and reading a
+        # file takes milliseconds: twelve at once held the actors back ~20 s on 2 CPUs.
+        ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=len(files)).map_batches(
+            _read_request_file, batch_size=1, batch_format="pyarrow", fn_kwargs={"fs": self.fs}, num_cpus=0.05,
+            concurrency=1)  # fmt: skip
+        # in order: the table a stage writes is the same whatever order the answers came in (a rerun that reads
+        # everything from the ledger writes what the first run wrote); blocks are small, so a straggler holds little
+        ds.context.execution_options.preserve_order = True
+        with Progress(self.cfg, self.stage, self.plan):
+            out = run_requests(ds, self.cfg, self.stage, self.plan, hooks=self.hooks)
+            yield from self._counted(out.iter_batches(batch_size=self.block_rows, batch_format="pandas"))
+
+    def _read(self, path: str) -> pd.DataFrame:
+        with self.fs.open_input_file(path) as f:
+            return pq.read_table(f).to_pandas()
+
+    def _pieces(self, df: pd.DataFrame):
+        for start in range(0, len(df), self.block_rows):
+            yield df.iloc[start : start + self.block_rows].reset_index(drop=True)
+
+    def _counted(self, batches):
+        for batch in batches:
+            self._totals.append(teacher_totals(batch))
+            yield batch
+
+    def totals(self) -> dict:
+        """`teacher_totals` over every row answered, with the plan (call after the rows were consumed)."""
+        totals = merge_totals(self._totals)
+        if self.plan is not None and totals.get("requests"):
+            totals["plan"] = {"to_send": self.plan.estimate.requests, "in_ledger": self.plan.already_done,
+                              "usd_max": round(self.plan.estimate.usd_max, 6), "mode": self.cfg.mode,
+                              "actors": self.cfg.num_actors, "in_flight_per_actor": self.plan.concurrency}  # fmt: skip
+        return totals
+
+    def cleanup(self) -> None:
+        """Delete the request files (the ledger, not they, is what a rerun reads)."""
+        if self.fs.get_file_info(self.work_dir).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.work_dir)
+
+
+def merge_totals(parts: list[dict]) -> dict:
+    """`teacher_totals` of several batches as one: counts and money summed, the per-kind counts merged."""
+    parts = [p for p in parts if p.get("requests")]
+    if not parts:
+        return {"requests": 0}
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "plan":
+                continue
+            if isinstance(value, dict):
+                merged = out.setdefault(key, {})
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+            else:
+                out[key] = out.get(key, 0) + value
+    for key in ("cost_usd", "cost_usd_this_run"):
+        out[key] = round(out[key], 6)
+    out["plan"] = {}
     return out
 
 

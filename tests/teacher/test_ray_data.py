@@ -67,3 +67,66 @@ def test_budget_stops_before_any_request(ray_local, server, tmp_path):
     with pytest.raises(BudgetExceeded, match="budget"):
         plan_requests(ds, cfg, "answers", str(tmp_path / "ledger"))
     assert server.stats()["requests"] == []
+
+
+def test_a_stream_of_rows_comes_back_in_order_a_block_at_a_time_and_a_rerun_pays_nothing(ray_local, server, tmp_path):
+    """TeacherStream (the answers stage's path): chunks in, request files spread over the actors, the answered rows
+    back in the given order, no batch over the block size, the totals summed, the working files gone."""
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from asclepius.teacher.ray_data import TeacherStream
+
+    server.reset()
+    cfg = cfg_for(server)
+    given = rows(90, faults=["[[fault:context_length]]"])
+    chunks = [pd.DataFrame(given[:40]), pd.DataFrame(given[40:])]
+    fs, ledger, work = pafs.LocalFileSystem(), str(tmp_path / "ledger"), str(tmp_path / "work")
+
+    stream = TeacherStream(cfg, "answers", ledger, work, fs, expected_rows=90)
+    assert stream.block_rows == 12  # 90 rows over 2 actors × 4 blocks each
+    batches = list(stream.answers(iter(chunks)))
+    files = fs.get_file_info(pafs.FileSelector(work))
+    assert len(files) == 9  # 40 → 12+12+12+4, 50 → 12+12+12+12+2: every actor has blocks to take
+    assert max(len(b) for b in batches) <= 12
+    out = pd.concat(batches, ignore_index=True)
+    out["sample_index"] = out.sample_index.astype(int)
+    assert list(out.note_id) == [r["note_id"] for r in given]  # in order, whatever order the answers came in
+    refused = out[out.sample_index % 5 == 0]  # the teacher refuses every fifth (context_length): recorded, not retried
+    assert set(refused.status) == {"error"} and (out[out.sample_index % 5 != 0].status == "ok").all()
+    totals = stream.totals()
+    assert totals["requests"] == 90 and totals["ok"] == 72 and sum(totals["errors"].values()) == 18
+    assert totals["completion_tokens"] == 72 * 16 and totals["from_ledger"] == 0
+    assert totals["plan"]["to_send"] == 90 and totals["plan"]["in_ledger"] == 0
+    assert scan_ledger(ledger).files == 2  # both actors sent: each writes its own ledger part
+    stream.cleanup()
+    assert fs.get_file_info(work).type == pafs.FileType.NotFound
+
+    sent = len(server.stats()["requests"])
+    again = TeacherStream(cfg, "answers", ledger, work, fs, expected_rows=90)
+    out2 = pd.concat(list(again.answers(iter(chunks))), ignore_index=True)
+    assert len(server.stats()["requests"]) == sent and out2.cached.all()
+    assert list(out2.note_id) == list(out.note_id) and list(out2.response) == list(out.response)
+    assert again.totals()["plan"]["in_ledger"] == 90 and again.totals()["from_ledger"] == 90
+
+
+def test_a_stream_in_batch_mode_is_one_batch_and_comes_back_in_order(ray_local, server, tmp_path):
+    """`teacher.mode: batch` through TeacherStream: the request files become one Batch API job; the rows come back in
+    the given order, in blocks, with the batch price in the plan."""
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from asclepius.teacher.ray_data import TeacherStream
+
+    server.reset()
+    cfg = cfg_for(server, mode="batch", batch_poll_s=0.1)
+    given = rows(30)
+    created = server.stats().get("batches_created", 0)
+    stream = TeacherStream(cfg, "answers", str(tmp_path / "ledger"), str(tmp_path / "work"), pafs.LocalFileSystem(), expected_rows=30)
+    batches = list(stream.answers(iter([pd.DataFrame(given)])))
+    assert server.stats()["batches_created"] == created + 1
+    assert max(len(b) for b in batches) <= stream.block_rows < 30
+    out = pd.concat(batches, ignore_index=True)
+    assert list(out.note_id) == [r["note_id"] for r in given] and (out.status == "ok").all()
+    totals = stream.totals()
+    assert totals["requests"] == 30 and totals["plan"]["mode"] == "batch"
