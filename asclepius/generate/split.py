@@ -18,16 +18,15 @@ from asclepius.run import RunDir, Stage, StageRun
 EVAL_COLUMNS = ["note_id", "source", "text", "text_sha1", "credentialed"]
 
 
-def candidate_notes(cfg, run: RunDir) -> pd.DataFrame:
-    """Discharge notes, real and synthetic: everything the training stages may use, before the split."""
-    notes = run.read_frame("notes")
-    if len(notes):
-        notes = notes[~notes.source.isin(cfg.synthesize.case_report_sources)]
-    synthetic = run.read_frame("synthetic_notes")
-    frames = [f[EVAL_COLUMNS] for f in (notes, synthetic) if len(f)]
-    if not frames:
-        return pd.DataFrame(columns=EVAL_COLUMNS)
-    return pd.concat(frames, ignore_index=True).sort_values("note_id").reset_index(drop=True)
+def candidate_notes(cfg, run: RunDir, batch_rows: int = 10_000):
+    """Discharge notes, real and synthetic, a frame at a time: everything the training stages may use, before the
+    split (read in batches: a hospital's notes need not fit in one process)."""
+    for folder in ("notes", "synthetic_notes"):
+        for frame in run.iter_frames(folder, EVAL_COLUMNS, batch_rows=batch_rows):
+            if folder == "notes":
+                frame = frame[~frame.source.isin(cfg.synthesize.case_report_sources)]
+            if len(frame):
+                yield frame
 
 
 def held_out_mask(note_ids: pd.Series, cfg) -> pd.Series:
@@ -35,12 +34,21 @@ def held_out_mask(note_ids: pd.Series, cfg) -> pd.Series:
 
 
 def split(ctx: StageRun) -> dict:
+    """The held-out notes, written part by part in note id order within each part (the readers sort them)."""
     started = time.time()
-    notes = candidate_notes(ctx.cfg, ctx.run)
-    held = held_out_mask(notes.note_id, ctx.cfg) if len(notes) else pd.Series(dtype=bool)
-    eval_notes = notes[held] if len(notes) else notes
-    ctx.run.write_frame(ctx.output("eval_notes"), eval_notes, "eval_notes.parquet")
-    counts = {"read": len(notes), "held_out_for_eval": int(len(eval_notes)), "kept": int(len(notes) - len(eval_notes))}
+    counts = {"read": 0, "held_out_for_eval": 0}
+    parts = 0
+    for notes in candidate_notes(ctx.cfg, ctx.run):
+        held = held_out_mask(notes.note_id, ctx.cfg)
+        counts["read"] += len(notes)
+        if held.any():
+            eval_notes = notes[held].sort_values("note_id")
+            ctx.run.write_frame(ctx.output("eval_notes"), eval_notes, f"eval_notes-{parts:05d}.parquet")
+            counts["held_out_for_eval"] += len(eval_notes)
+            parts += 1
+    if not parts:  # none held out: still a table readers can open
+        ctx.run.write_frame(ctx.output("eval_notes"), pd.DataFrame(columns=EVAL_COLUMNS), "eval_notes.parquet")
+    counts["kept"] = counts["read"] - counts["held_out_for_eval"]
     return {"counts": counts, "seconds": round(time.time() - started, 2)}
 
 

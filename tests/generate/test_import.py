@@ -71,7 +71,8 @@ def test_missing_columns_are_named(tmp_path):
 
 def test_decontamination_catches_ids_and_texts(tmp_path):
     cfg, run = run_with_notes(tmp_path)
-    published(tmp_path / "run", "eval_notes", "eval_notes.parquet").unlink()
+    for part in published(tmp_path / "run", "eval_notes").glob("*.parquet"):  # the split's parts
+        part.unlink()
     pd.DataFrame({"note_id": ["e1"], "source": ["mimic3"], "text": ["held out"], "text_sha1": ["abc"], "credentialed": [True]}).to_parquet(published(tmp_path / "run", "eval_notes", "e.parquet"))
     clean = pd.DataFrame({"note_id": ["n1"], "note_sha1": ["def"]})
     assert check_decontamination(run, clean)["clean"]
