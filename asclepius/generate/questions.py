@@ -9,14 +9,18 @@ new seed, threshold or task list) starts a fresh pool.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import heapq
 import json
 import logging
+import posixpath
 import time
 from collections import Counter
 
 import pandas as pd
+import pyarrow as pa
 import ray
 
 from asclepius.config import Config
@@ -29,6 +33,7 @@ from asclepius.run import RunDir, Stage, StageRun
 from asclepius.storage import uri_join
 from asclepius.teacher.client import token_counter
 from asclepius.teacher.ray_data import (
+    TeacherStream,
     ask_rows,
     guard_privacy,
     ledger_dir,
@@ -120,18 +125,21 @@ def _rejected(accepted) -> bool:
     return accepted is not None and not pd.isna(accepted) and not bool(accepted)
 
 
-def question_notes(cfg: Config, run: RunDir) -> pd.DataFrame:
-    """The notes to ask about: real notes of the chosen sources (all but case reports by default) and synthetic ones."""
-    cols = ["note_id", "source", "text", "text_sha1", "credentialed"]
-    notes = run.read_frame("notes")
-    if len(notes):
-        wanted = cfg.questions.note_sources
-        notes = notes[notes.source.isin(wanted)] if wanted else notes[~notes.source.isin(cfg.synthesize.case_report_sources)]
-    synthetic = run.read_frame("synthetic_notes")
-    if cfg.questions.note_sources and len(synthetic):
-        synthetic = synthetic[synthetic.source.isin(cfg.questions.note_sources)]
-    frames = [f[cols] for f in (notes, synthetic) if len(f)]
-    return pd.concat(frames, ignore_index=True).sort_values("note_id") if frames else pd.DataFrame(columns=cols)
+NOTE_COLUMNS = ["note_id", "source", "text", "text_sha1", "credentialed"]
+
+
+def question_notes(cfg: Config, run: RunDir, columns: list[str] = NOTE_COLUMNS, batch_rows: int = 10_000):
+    """The notes to ask about, a frame at a time (each in note id order): real notes of the chosen sources (all but
+    case reports by default) and synthetic ones."""
+    wanted = cfg.questions.note_sources
+    for folder in ("notes", "synthetic_notes"):
+        for frame in run.iter_frames(folder, columns, batch_rows=batch_rows):
+            if wanted:
+                frame = frame[frame.source.isin(wanted)]
+            elif folder == "notes":
+                frame = frame[~frame.source.isin(cfg.synthesize.case_report_sources)]
+            if len(frame):
+                yield frame.sort_values("note_id")
 
 
 def question_requests(cfg: Config, notes: pd.DataFrame, counter, counts: Counter, stage: str = "questions",
@@ -167,8 +175,10 @@ def journal_dir(directory: str, journal_key: str) -> str:
     return uri_join(directory + "_pool", journal_key)
 
 
-def ask_questions(cfg: Config, teacher, rows: list[dict], directory: str, journal_key: str, stage: str = "questions", spent_usd: float = 0.0):
-    """Send the question requests through the bootstrapping pool; returns (replies, pool statistics)."""
+@contextlib.contextmanager
+def question_pool(cfg: Config, directory: str, journal_key: str):
+    """The bootstrapping pool's actor, named after its journal (one per stage and config), killed when done.
+    Yields (actor, name)."""
     qc = cfg.questions
     journal = journal_dir(directory, journal_key)
     pool_name = f"asclepius-question-pool-{hashlib.sha256(journal.encode()).hexdigest()[:12]}"
@@ -177,14 +187,20 @@ def ask_questions(cfg: Config, teacher, rows: list[dict], directory: str, journa
         seed_examples=qc.seed_examples, pool_examples=qc.pool_examples, seed=cfg.seed, journal_dir=journal,
     )  # fmt: skip
     try:
+        yield pool, pool_name
+    finally:
+        ray.kill(pool)
+
+
+def ask_questions(cfg: Config, teacher, rows: list[dict], directory: str, journal_key: str, stage: str = "questions", spent_usd: float = 0.0):
+    """Send the question requests through the bootstrapping pool; returns (replies, pool statistics)."""
+    with question_pool(cfg, directory, journal_key) as (pool, pool_name):
         if teacher.mode == "batch":
             out = ask_in_waves(cfg, teacher, rows, directory, pool, stage, spent_usd)
         else:
-            hooks = functools.partial(QuestionHooks, pool_name=pool_name, template=qc.prompt)
+            hooks = functools.partial(QuestionHooks, pool_name=pool_name, template=cfg.questions.prompt)
             out = ask_rows(teacher, stage, pd.DataFrame(rows), directory, hooks=hooks, spent_usd=spent_usd)
         return out, ray.get(pool.stats.remote())
-    finally:
-        ray.kill(pool)
 
 
 def _cleaned(out: pd.DataFrame, counts: Counter):
@@ -197,25 +213,62 @@ def _cleaned(out: pd.DataFrame, counts: Counter):
 
 
 def questions(ctx: StageRun) -> dict:
-    cfg, qc = ctx.cfg, ctx.cfg.questions
+    """Streams in online mode: the notes are read, asked about and filtered a block at a time and the table is written
+    part by part, so no process holds the stage's rows; what grows with the notes is the pool itself (its questions,
+    in one actor) and, on a resumed run, the journal's plans. Batch mode sends the requests in waves from the driver."""
+    cfg, qc, run = ctx.cfg, ctx.cfg.questions, ctx.run
     started = time.time()
-    notes = question_notes(cfg, ctx.run)
-    counts: Counter = Counter(read=len(notes))
-    held = notes.note_id.isin(set(held_out_notes(ctx.run).note_id))
-    counts["held_out_for_eval"] = int(held.sum())
-    notes = notes[~held]
+    held_out = set(run.read_frame("eval_notes", ["note_id"]).note_id)
+    chosen = None  # `limit`: the notes with the smallest ids, as when the whole table was sorted
     if qc.limit is not None:
-        counts["not_selected_over_limit"] = max(0, len(notes) - qc.limit)
-        notes = notes.head(qc.limit)
-    teacher = ctx.teacher() if len(notes) else None
-    rows = []
+        ids = (i for f in question_notes(cfg, run, ["note_id", "source"]) for i in f.note_id if i not in held_out)
+        chosen = set(heapq.nsmallest(qc.limit, ids))
+
+    def selected(frame: pd.DataFrame) -> pd.Series:
+        return ~frame.note_id.isin(held_out) & (frame.note_id.isin(chosen) if chosen is not None else True)
+
+    counts: Counter = Counter(read=0, held_out_for_eval=0)
+    to_ask = 0
+    for f in question_notes(cfg, run, ["note_id", "source"]):
+        held = f.note_id.isin(held_out)
+        counts["read"] += len(f)
+        counts["held_out_for_eval"] += int(held.sum())
+        to_ask += int(selected(f).sum())
+    if qc.limit is not None:
+        counts["not_selected_over_limit"] = counts["read"] - counts["held_out_for_eval"] - to_ask
+    teacher = ctx.teacher() if to_ask else None
+    writer = QuestionsWriter(ctx)
+    totals, pool_stats = {"requests": 0}, {}
     if teacher is not None:
-        guard_privacy(teacher, notes)
-        plans = recorded_plans(journal_dir(ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash))
-        rows = question_requests(cfg, notes, token_counter(teacher), counts, plans=plans)
-    out, pool_stats = pd.DataFrame(), {}
-    if rows:
-        out, pool_stats = ask_questions(cfg, teacher, rows, ledger_dir(cfg, ctx.run, "questions"), ctx.config_hash, spent_usd=spent_so_far(ctx.run, exclude=ctx.stage.name))
+        guard_privacy(teacher, (f[selected(f)] for f in question_notes(cfg, run, ["note_id", "source", "credentialed"])))
+        directory = ledger_dir(cfg, run, "questions")
+        plans = recorded_plans(journal_dir(directory, ctx.config_hash))
+        counter = token_counter(teacher)
+        spent_usd = spent_so_far(run, exclude=ctx.stage.name)
+        with question_pool(cfg, directory, ctx.config_hash) as (pool, pool_name):
+            if teacher.mode == "batch":  # the pool needs each wave's questions before the next: rows on the driver
+                rows = [r for f in question_notes(cfg, run) for r in question_requests(cfg, f[selected(f)], counter, counts, plans=plans)]
+                out = ask_in_waves(cfg, teacher, rows, directory, pool, "questions", spent_usd) if rows else pd.DataFrame()
+                writer.write(_kept_questions(out, qc, counts))
+                totals = teacher_totals(out)
+            else:
+                hooks = functools.partial(QuestionHooks, pool_name=pool_name, template=qc.prompt)
+                stream = TeacherStream(teacher, "questions", directory, posixpath.join(ctx.output("questions"), "_requests"), run.fs,
+                                       hooks=hooks, spent_usd=spent_usd, expected_rows=to_ask)  # fmt: skip
+                chunks = (pd.DataFrame(rows) for f in question_notes(cfg, run, batch_rows=stream.block_rows)
+                          if (rows := question_requests(cfg, f[selected(f)], counter, counts, plans=plans)))  # fmt: skip
+                for out in stream.answers(chunks):
+                    writer.write(_kept_questions(out, qc, counts))
+                stream.cleanup()
+                totals = stream.totals()
+            pool_stats = ray.get(pool.stats.remote())
+    counts["kept"] = writer.close()
+    return {"counts": dict(counts), "tasks": dict(writer.tasks.most_common()), "similarity": pool_stats,
+            "teacher": totals, "incomplete_rows": totals.get("retryable_failures", 0), "seconds": round(time.time() - started, 2)}  # fmt: skip
+
+
+def _kept_questions(out: pd.DataFrame, qc, counts: Counter) -> pd.DataFrame:
+    """The replies that hold a usable question (and, with `drop_similar`, one the pool accepted), as table rows."""
     kept = []
     for r in _cleaned(out, counts):
         if _rejected(r.accepted_in_pool) and qc.drop_similar:
@@ -225,12 +278,36 @@ def questions(ctx: StageRun) -> dict:
         counts["cut_off_after_a_complete_question"] += r.finish_reason == "length"
         counts["too_similar_kept"] += _rejected(r.accepted_in_pool)
         kept.append(r._asdict())
-    table = pd.DataFrame(kept)[COLUMNS] if kept else pd.DataFrame(columns=COLUMNS)
-    counts["kept"] = len(table)
-    ctx.run.write_frame(ctx.output("questions"), table, "questions.parquet")
-    totals = teacher_totals(out)
-    return {"counts": dict(counts), "tasks": {str(k): int(v) for k, v in table.task.value_counts().items()}, "similarity": pool_stats,
-            "teacher": totals, "incomplete_rows": totals.get("retryable_failures", 0), "seconds": round(time.time() - started, 2)}  # fmt: skip
+    return pd.DataFrame(kept)[COLUMNS] if kept else pd.DataFrame(columns=COLUMNS)
+
+
+# Columns a part may hold only nulls in (no question offered to the pool in it): written with the type the others
+# have, so that the parts read as one table.
+NULLABLE_TYPES = {"accepted_in_pool": pa.bool_(), "max_rouge_l": pa.float64(), "question": pa.string(), "examples": pa.string()}
+
+
+class QuestionsWriter:
+    """The questions table, part by part (`questions-00000.parquet`, ... in the order the notes were read)."""
+
+    def __init__(self, ctx: StageRun):
+        self.run, self.folder = ctx.run, ctx.output("questions")
+        self.parts, self.rows, self.tasks = 0, 0, Counter()
+
+    def write(self, table: pd.DataFrame, empty_ok: bool = False) -> None:
+        if table.empty and not empty_ok:
+            return
+        arrow = pa.Table.from_pandas(table[COLUMNS].reset_index(drop=True), preserve_index=False)
+        for name, kind in NULLABLE_TYPES.items():
+            if arrow.schema.field(name).type == pa.null():
+                arrow = arrow.set_column(arrow.schema.get_field_index(name), name, pa.nulls(len(arrow), kind))
+        self.run.write_table(self.folder, arrow, f"questions-{self.parts:05d}.parquet")
+        self.parts, self.rows = self.parts + 1, self.rows + len(table)
+        self.tasks.update(table.task.astype(str))
+
+    def close(self) -> int:
+        if not self.parts:  # an empty table is still a table readers can open
+            self.write(pd.DataFrame(columns=COLUMNS), empty_ok=True)
+        return self.rows
 
 
 def _identity(cfg):

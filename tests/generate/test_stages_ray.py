@@ -180,6 +180,17 @@ def test_changes_rerun_exactly_the_stages_they_affect(ray_local, tmp_path):
         assert reran(reseeded) == {"synthesize", "split", "questions", "answers"}
         assert stage_status(PRETRAIN_STAGE, reseeded, run).reasons == ["upstream synthesize changed", "upstream split changed"]
 
+        # a limit asks about the notes with the smallest ids, as when the stage sorted one whole table (it now reads
+        # the notes a block at a time and writes its table in parts)
+        limited = config_from_dict(data, ["questions.temperature=0.5", "questions.similarity_threshold=0.5", "seed=1", "questions.limit=4"])
+        q = run_pipeline(limited, stages=generating)["questions"]
+        notes = pd.concat([pd.read_parquet(published(tmp_path / "run", t)) for t in ("notes", "synthetic_notes")])
+        held_out = set(pd.read_parquet(published(tmp_path / "run", "eval_notes")).note_id)
+        candidates = sorted(set(notes[notes.source != "pmc"].note_id) - held_out)
+        assert q["counts"]["not_selected_over_limit"] == len(candidates) - 4 and q["teacher"]["requests"] == 4
+        table = pd.read_parquet(published(tmp_path / "run", "questions"))
+        assert len(table) == q["counts"]["kept"] and set(table.note_id) <= set(candidates[:4])
+
         # files holding note text are owner-only
         for part in (tmp_path / "run" / "ledger" / "answers").glob("part-*.jsonl"):
             assert stat.S_IMODE(part.stat().st_mode) == 0o600
