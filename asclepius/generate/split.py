@@ -18,7 +18,7 @@ from asclepius.run import RunDir, Stage, StageRun
 EVAL_COLUMNS = ["note_id", "source", "text", "text_sha1", "credentialed"]
 
 
-def candidate_notes(cfg, run: RunDir, batch_rows: int = 10_000):
+def candidate_notes(cfg, run: RunDir, batch_rows: int = 1000):
     """Discharge notes, real and synthetic, a frame at a time: everything the training stages may use, before the
     split (read in batches: a hospital's notes need not fit in one process)."""
     for folder in ("notes", "synthetic_notes"):
@@ -33,19 +33,32 @@ def held_out_mask(note_ids: pd.Series, cfg) -> pd.Series:
     return note_ids.map(lambda n: is_eval_note(n, cfg.split.eval_fraction, cfg.split.seed)).astype(bool)
 
 
+PART_ROWS = 1000  # notes read at a time, and held-out notes per part written
+
+
 def split(ctx: StageRun) -> dict:
-    """The held-out notes, written part by part in note id order within each part (the readers sort them)."""
+    """The held-out notes, written in parts of about PART_ROWS rows, each in note id order (the readers sort them)."""
+    part_rows = PART_ROWS
     started = time.time()
     counts = {"read": 0, "held_out_for_eval": 0}
-    parts = 0
-    for notes in candidate_notes(ctx.cfg, ctx.run):
+    parts, waiting = 0, []
+
+    def flush():
+        nonlocal parts, waiting
+        eval_notes = pd.concat(waiting, ignore_index=True).sort_values("note_id")
+        ctx.run.write_frame(ctx.output("eval_notes"), eval_notes, f"eval_notes-{parts:05d}.parquet")
+        parts, waiting = parts + 1, []
+
+    for notes in candidate_notes(ctx.cfg, ctx.run, batch_rows=part_rows):
         held = held_out_mask(notes.note_id, ctx.cfg)
         counts["read"] += len(notes)
+        counts["held_out_for_eval"] += int(held.sum())
         if held.any():
-            eval_notes = notes[held].sort_values("note_id")
-            ctx.run.write_frame(ctx.output("eval_notes"), eval_notes, f"eval_notes-{parts:05d}.parquet")
-            counts["held_out_for_eval"] += len(eval_notes)
-            parts += 1
+            waiting.append(notes[held])
+        if sum(map(len, waiting)) >= part_rows:
+            flush()
+    if waiting:
+        flush()
     if not parts:  # none held out: still a table readers can open
         ctx.run.write_frame(ctx.output("eval_notes"), pd.DataFrame(columns=EVAL_COLUMNS), "eval_notes.parquet")
     counts["kept"] = counts["read"] - counts["held_out_for_eval"]

@@ -68,6 +68,12 @@ class _RejectSink:
         return {"actor_name": self.actor_name, "_actor": None}
 
 
+# The stages after this one read the notes a row group at a time (RunDir.iter_frames): a row group is what one read
+# decodes at once, so a file of a whole read block in one group (Parquet's default, up to 1M rows) would make every
+# later stage hold up to a block of note text (~128 MiB) however small its batches.
+ROW_GROUP_ROWS = 1000
+
+
 def _clean_and_write(
     batch: pa.Table,
     *,
@@ -83,7 +89,7 @@ def _clean_and_write(
     if result.kept.num_rows:
         file = posixpath.join(out_dir, f"{index:02d}-{uuid.uuid4().hex}.parquet")
         with fs.open_output_stream(file) as f:
-            pq.write_table(result.kept, f, compression="zstd")
+            pq.write_table(result.kept, f, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return pa.table(
         {
             "file": [file],
@@ -200,7 +206,7 @@ def _place(run: RunDir, work_dir: str, out_dir: str, written: list[tuple[int, st
         with run.fs.open_input_file(path) as f:
             table = pq.read_table(f).filter(pa.array(keep))
         with run.fs.open_output_stream(target) as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         run.fs.delete_file(path)
         per_source[keys[i]].update({"dropped:duplicate": dropped, "kept": -dropped})
     if not written:  # an empty table still has the schema, so later stages read 0 rows instead of failing

@@ -91,3 +91,36 @@ def test_bad_input_fails_before_any_work(ray_local, tmp_path):
     with pytest.raises(NotesInputError, match=r"notes\.sources\.0\.path"):
         run_notes_stage(cfg, RunDir.open(cfg.run_dir))
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_a_large_source_is_written_and_split_in_bounded_pieces(ray_local, tmp_path, monkeypatch):
+    """Later stages read the notes a row group at a time, so a notes file is written in row groups of
+    ROW_GROUP_ROWS (Parquet's default is one group of up to 1M rows); the split writes its held-out notes in parts,
+    each in note id order, together exactly the notes its rule holds out."""
+    from asclepius.generate import split as split_module
+    from asclepius.notes.stage import ROW_GROUP_ROWS
+    from asclepius.run import run_stage
+
+    path = tmp_path / "many.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "body"])
+        for i in range(2500):
+            w.writerow([f"n{(i * 7919) % 2500:05d}", f"Admission {i}. Pt w/ CHF, diuresed w/ IV lasix, weaned to RA."])  # ids out of order
+    cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "split": {"eval_fraction": 0.3},
+                            "notes": {"sources": [{"kind": "generic", "name": "clinic", "path": str(path), "text_column": "body", "id_column": "id"}]}})  # fmt: skip
+    run = RunDir.open(cfg.run_dir)
+    run_notes_stage(cfg, run)
+    groups = [meta.row_group(g).num_rows for f in published(tmp_path / "run", "notes").glob("*.parquet")
+              for meta in [pq.read_metadata(f)] for g in range(meta.num_row_groups)]  # fmt: skip
+    assert sum(groups) == 2500 and max(groups) <= ROW_GROUP_ROWS and len(groups) >= 3
+
+    monkeypatch.setattr(split_module, "PART_ROWS", 200)
+    entry = run_stage(split_module.STAGE, cfg, run)
+    parts = sorted(published(tmp_path / "run", "eval_notes").glob("*.parquet"))
+    tables = [pq.read_table(p).to_pandas() for p in parts]
+    notes = read_notes(run).to_pandas()
+    expected = set(notes.note_id[split_module.held_out_mask(notes.note_id, cfg)])
+    assert len(parts) >= 3 and all(t.note_id.is_monotonic_increasing for t in tables)
+    assert set().union(*(set(t.note_id) for t in tables)) == expected and sum(map(len, tables)) == len(expected)
+    assert entry["counts"] == {"read": 2500, "held_out_for_eval": len(expected), "kept": 2500 - len(expected)}
