@@ -9,19 +9,26 @@ limiter's round trips, the ledger's writes, row conversions) sets the pace, not 
 same answer-stage requests (the recipe's answer prompt around a note of ~300 tokens, max_tokens 400) to the same
 OpenAI-compatible test server (asclepius/testing/openai_server.py: 0.05 s latency, 40-token replies, no quota):
 (a) baseline: one `openai.AsyncOpenAI` client with `--in-flight` requests at once (64), nothing else;
-(b) ours: `asclepius.teacher.ray_data.ask_rows` — what every teacher stage calls: the token count and budget plan,
-    Ray Data actors (2 × 32 in flight) sending through TeacherClient with the cluster's limiter actor, a ledger
-    record per request (fsynced), the rows back on the driver. The rate limit is set far above what is reached,
-    so the limiter schedules but never waits.
-Memory: every process's peak resident set (sampled every 0.25 s: the driver and each Ray worker and raylet), so
-the row says which process grows with N. Appends one row to BENCHMARKS.md.
+(b) ours, two ways, both with the token count and budget plan, Ray Data actors (2 × 32 in flight) sending through
+    TeacherClient with the cluster's limiter actor, and a ledger record per request (group-committed):
+    `ask_rows` — the rows built on the driver and every answer back there as one frame (the questions, synthesize
+    and evaluate stages); `TeacherStream` — the answers stage: rows handed over a chunk at a time and written to
+    request files, the answered rows back a block at a time and written to Parquet, so no process holds them all.
+    The rate limit is set far above what is reached, so the limiter schedules but never waits;
+(c) the pipeline itself: N notes (~300 tokens each, a generic CSV) through notes → split (10 % held out) →
+    questions → answers, as `asclepius run` runs them, rows/s over the two teacher stages' own seconds.
+Each of (b) and (c) runs in a process of its own, with its own Ray instance, so that a peak is its own.
+Memory: every process's peak resident and unique set (sampled every 0.5 s: the driver and each Ray worker and
+raylet), so the row says which process grows with N. Appends one row to BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -44,17 +51,21 @@ SENTENCE = "Pt w/ h/o HTN, DM2 admitted for CHF exacerbation, diuresed w/ IV las
 MAX_TOKENS = 400
 
 
-def make_prompts(count: int) -> list[str]:
+def make_prompts(count: int, start: int = 0) -> list[str]:
     prompt = load_recipe().answer_prompt
     note = SENTENCE * 12  # ~300 tokens
-    return [prompt.format(note=f"Admission {i}. {note}", question=f"What was the hospital course of admission {i}?") for i in range(count)]
+    return [prompt.format(note=f"Admission {i}. {note}", question=f"What was the hospital course of admission {i}?")
+            for i in range(start, start + count)]  # fmt: skip
 
 
 class PeakMemory:
-    """Peak RSS per process (this one and its descendants: Ray's raylet, workers, the test server) while running."""
+    """Peak memory per process (this one and its descendants: Ray's raylet, workers, the test server) while running:
+    the resident set (RSS), and the unique set (USS: pages no other process shares). RSS counts the pages of Ray's
+    object store a process has mapped, which are shared and bounded by the store's size, so USS is what says whether
+    a process holds the rows itself."""
 
-    def __init__(self, every_s: float = 0.25):
-        self.every_s, self.peaks = every_s, {}
+    def __init__(self, every_s: float = 0.5):
+        self.every_s, self.peaks, self.unique = every_s, {}, {}
         self._stop = threading.Event()
 
     def _name(self, p: psutil.Process) -> str:
@@ -70,18 +81,19 @@ class PeakMemory:
         me = psutil.Process()
         for p in [me, *me.children(recursive=True)]:
             try:
-                rss = p.memory_info().rss
+                full = p.memory_full_info()  # reads /proc/<pid>/smaps: ~10 ms a process
                 name = f"{self._name(p)}#{p.pid}"
             except psutil.Error:
                 continue
-            self.peaks[name] = max(self.peaks.get(name, 0), rss)
+            self.peaks[name] = max(self.peaks.get(name, 0), full.rss)
+            self.unique[name] = max(self.unique.get(name, 0), full.uss)
 
     def _loop(self):
         while not self._stop.wait(self.every_s):
             self._sample()
 
     def __enter__(self):
-        self.peaks = {}
+        self.peaks, self.unique = {}, {}
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -89,10 +101,11 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self._sample()
 
-    def largest(self, exclude: str = "openai_server") -> tuple[str, int]:
-        name, rss = max(((n, r) for n, r in self.peaks.items() if exclude not in n), key=lambda kv: kv[1])
-        return name.split("#")[0], rss
+    def largest(self, peaks: dict, exclude: str = "openai_server") -> tuple[str, int]:
+        name, size = max(((n, r) for n, r in peaks.items() if exclude not in n), key=lambda kv: kv[1])
+        return name.split("#")[0], size
 
 
 async def plain_client(base_url: str, prompts: list[str], in_flight: int) -> float:
@@ -112,19 +125,96 @@ async def plain_client(base_url: str, prompts: list[str], in_flight: int) -> flo
     return len(prompts) / seconds
 
 
-def ours(base_url: str, prompts: list[str], ledger: str, actors: int, per_actor: int) -> tuple[float, int]:
+def teacher_config(base_url: str, actors: int, per_actor: int):
     from asclepius.config import TeacherConfig
-    from asclepius.teacher.ray_data import ask_rows, user_messages
 
-    cfg = TeacherConfig(provider="openai_compatible", base_url=base_url, model="bench", requests_per_minute=10_000_000,
-                        tokens_per_minute=10_000_000_000, num_actors=actors, concurrency_per_actor=per_actor, timeout_s=60,
-                        limiter_name=f"scale-{time.time_ns()}", progress_every_s=600)  # fmt: skip
-    rows = pd.DataFrame({"messages": [user_messages(p) for p in prompts], "max_tokens": MAX_TOKENS, "sample_index": range(len(prompts)),
-                         "temperature": 1.0})  # fmt: skip
+    return TeacherConfig(provider="openai_compatible", base_url=base_url, model="bench", requests_per_minute=10_000_000,
+                         tokens_per_minute=10_000_000_000, num_actors=actors, concurrency_per_actor=per_actor, timeout_s=60,
+                         limiter_name=f"scale-{time.time_ns()}", progress_every_s=600)  # fmt: skip
+
+
+def request_rows(start: int, count: int) -> pd.DataFrame:
+    from asclepius.teacher.ray_data import user_messages
+
+    return pd.DataFrame({"messages": [user_messages(p) for p in make_prompts(count, start)], "max_tokens": MAX_TOKENS,
+                         "sample_index": range(start, start + count), "temperature": 1.0})  # fmt: skip
+
+
+def ours_rows(base_url: str, n: int, ledger: str, actors: int, per_actor: int) -> tuple[float, int]:
+    """`ask_rows`: every row built on the driver, every answer back on the driver (the questions and evaluate stages)."""
+    from asclepius.teacher.ray_data import ask_rows
+
+    rows = request_rows(0, n)
     start = time.perf_counter()
-    out = ask_rows(cfg, "bench", rows, ledger)
+    out = ask_rows(teacher_config(base_url, actors, per_actor), "bench", rows, ledger)
     seconds = time.perf_counter() - start
     return len(out) / seconds, int((out.status == "ok").sum())
+
+
+def ours_stream(base_url: str, n: int, ledger: str, actors: int, per_actor: int) -> tuple[float, int]:
+    """`TeacherStream` (the answers stage): rows built a chunk at a time, written to request files, answered rows back a
+    block at a time and written to Parquet, as the stage writes its table."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from asclepius.teacher.ray_data import STREAM_BLOCK_ROWS, TeacherStream
+
+    work = Path(ledger) / "work"
+    chunks = (request_rows(i, min(STREAM_BLOCK_ROWS, n - i)) for i in range(0, n, STREAM_BLOCK_ROWS))
+    stream = TeacherStream(teacher_config(base_url, actors, per_actor), "bench", str(Path(ledger) / "ledger"), str(work / "requests"),
+                           pafs.LocalFileSystem(), expected_rows=n)  # fmt: skip
+    start = time.perf_counter()
+    rows = ok = 0
+    for i, batch in enumerate(stream.answers(chunks)):
+        pq.write_table(pa_table(batch), work / f"out-{i:05d}.parquet")
+        rows, ok = rows + len(batch), ok + int((batch.status == "ok").sum())
+    seconds = time.perf_counter() - start
+    stream.cleanup()
+    return rows / seconds, ok
+
+
+def ours_pipeline(base_url: str, n: int, work: str, actors: int, per_actor: int) -> tuple[float, int, str]:
+    """The stages themselves, as a user runs them: n notes (a generic CSV) through notes → split → questions →
+    answers; rows/s over the two teacher stages' own time (each stage's manifest seconds: reading, planning, asking,
+    filtering, writing)."""
+    from asclepius.config import config_from_dict
+    from asclepius.pipeline import run_pipeline
+
+    notes = Path(work) / "notes.csv"
+    note = SENTENCE * 12  # ~300 tokens
+    pd.DataFrame({"id": [f"n{i:07d}" for i in range(n)], "body": [f"Admission {i}. {note}" for i in range(n)]}).to_csv(notes, index=False)
+    teacher = teacher_config(base_url, actors, per_actor).model_dump(exclude_none=True)
+    cfg = config_from_dict({"run_dir": str(Path(work) / "run"), "teacher": teacher, "split": {"eval_fraction": 0.1},
+                            "notes": {"sources": [{"kind": "generic", "name": "clinic", "path": str(notes), "text_column": "body", "id_column": "id"}]}})  # fmt: skip
+    results = run_pipeline(cfg, stages=["notes", "split", "questions", "answers"])
+    q, a = results["questions"], results["answers"]
+    rows = q["teacher"]["requests"] + a["teacher"]["requests"]
+    detail = ", ".join(f"{s} {results[s]['teacher']['requests'] / results[s]['seconds']:,.0f} rows/s" for s in ("questions", "answers"))
+    return rows / (q["seconds"] + a["seconds"]), q["teacher"]["ok"] + a["teacher"]["ok"], detail
+
+
+def pa_table(df: pd.DataFrame):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+CONTENDERS = {"ask_rows": ours_rows, "stream": ours_stream, "pipeline": ours_pipeline}
+
+
+def one_run(name: str, n: int, base_url: str, actors: int, per_actor: int) -> dict:
+    """One contender at one size, in a process of its own (with its own Ray instance): a process's heap does not give
+    memory back, so a run after a larger one would report the larger one's peak."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as work, PeakMemory() as mem:
+        rate, ok, *detail = CONTENDERS[name](base_url, n, work, actors, per_actor)
+    driver = f"driver#{os.getpid()}"
+    out = {"rate": rate, "ok": ok, "detail": detail[0] if detail else "", "rss": mem.largest(mem.peaks), "uss": mem.largest(mem.unique),
+           "driver_rss": mem.peaks.get(driver, 0), "driver_uss": mem.unique.get(driver, 0)}  # fmt: skip
+    ray.shutdown()
+    return out
 
 
 def main() -> None:
@@ -133,32 +223,45 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=64, help="the plain client's requests at once (ours: actors × per actor)")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--latency-s", type=float, default=0.05)
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"a comma-separated subset of {','.join(CONTENDERS)}")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--one", nargs=3, metavar=("CONTENDER", "N", "BASE_URL"), help=argparse.SUPPRESS)  # a child run
     args = ap.parse_args()
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    per_actor = args.in_flight // args.actors
+    if args.one:
+        name, n, base_url = args.one
+        print("RESULT " + json.dumps(one_run(name, int(n), base_url, args.actors, per_actor)), flush=True)
+        return
+    contenders = args.contenders.split(",")
     results = []
     with openai_test_server(rpm=10_000_000, tpm=10_000_000_000, latency_s=args.latency_s) as server:
         asyncio.run(plain_client(server.base_url, make_prompts(200), args.in_flight))  # warm up the server
         for n in (int(s) for s in args.sizes.split(",")):
-            prompts = make_prompts(n)
-            plain = asyncio.run(plain_client(server.base_url, prompts, args.in_flight))
-            with tempfile.TemporaryDirectory() as ledger, PeakMemory() as mem:
-                rate, ok = ours(server.base_url, prompts, ledger, args.actors, args.in_flight // args.actors)
-            proc, rss = mem.largest()
-            driver = mem.peaks.get(f"driver#{os.getpid()}", 0)
-            results.append((n, plain, rate, ok, proc, rss, driver))
-            print(f"{n:,} requests: plain client {plain:,.0f} req/s; ours {rate:,.0f} rows/s ({rate / plain:.2f}x), {ok:,} ok; "
-                  f"peak RSS: largest {proc} {rss / 2**20:,.0f} MiB, driver {driver / 2**20:,.0f} MiB", flush=True)  # fmt: skip
-    ray.shutdown()
+            plain = asyncio.run(plain_client(server.base_url, make_prompts(n), args.in_flight))
+            row = {"n": n, "plain": plain}
+            for name in contenders:
+                child = subprocess.run([sys.executable, __file__, "--actors", str(args.actors), "--in-flight", str(args.in_flight),
+                                        "--one", name, str(n), server.base_url], capture_output=True, text=True)  # fmt: skip
+                found = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+                if child.returncode or not found:
+                    sys.exit(f"{name} at {n:,} failed (exit {child.returncode}):\n{child.stderr[-4000:]}")
+                row[name] = r = json.loads(found[-1][len("RESULT ") :])
+                print(f"{n:,} requests: plain client {plain:,.0f} req/s; {name} {r['rate']:,.0f} rows/s ({r['rate'] / plain:.2f}x), {r['ok']:,} ok{' (' + r['detail'] + ')' if r['detail'] else ''}; "
+                      f"peak RSS largest {r['rss'][0]} {r['rss'][1] / 2**20:,.0f} MiB, driver {r['driver_rss'] / 2**20:,.0f} MiB; "
+                      f"peak USS largest {r['uss'][0]} {r['uss'][1] / 2**20:,.0f} MiB, driver {r['driver_uss'] / 2**20:,.0f} MiB", flush=True)  # fmt: skip
+            results.append(row)
     if not args.no_record:
-        figures = "; ".join(f"{n:,}: plain {p:,.0f} req/s, ours {r:,.0f} rows/s, peak RSS {proc} {rss / 2**20:,.0f} MiB (driver {d / 2**20:,.0f} MiB)"
-                            for n, p, r, _, proc, rss, d in results)  # fmt: skip
-        ratio = ", ".join(f"{r / p:.2f}x at {n:,}" for n, p, r, *_ in results)
-        record("pipeline_scale", f"python benchmarks/pipeline_scale.py --sizes {args.sizes}",
+        figures = "; ".join(
+            f"{r['n']:,}: plain {r['plain']:,.0f} req/s, " + ", ".join(
+                f"{name} {r[name]['rate']:,.0f} rows/s ({r[name]['detail'] + '; ' if r[name]['detail'] else ''}peak USS: largest {r[name]['uss'][0]} {r[name]['uss'][1] / 2**20:,.0f} MiB, "
+                f"driver {r[name]['driver_uss'] / 2**20:,.0f} MiB; RSS driver {r[name]['driver_rss'] / 2**20:,.0f} MiB)"
+                for name in contenders)
+            for r in results)  # fmt: skip
+        ratio = ", ".join(f"{name} {r[name]['rate'] / r['plain']:.2f}x at {r['n']:,}" for r in results for name in contenders)
+        record("pipeline_scale", f"python benchmarks/pipeline_scale.py --sizes {args.sizes} --contenders {args.contenders}",
                f"answer requests (~300-token notes, max_tokens 400), test server {args.latency_s} s latency, 40-token replies, no quota; "
-               f"plain asyncio client {args.in_flight} in flight vs ask_rows {args.actors} actors x {args.in_flight // args.actors}",
+               f"plain asyncio client {args.in_flight} in flight vs ask_rows / TeacherStream / the pipeline's "
+               f"questions+answers stages (N notes) {args.actors} actors x {per_actor}, each run in a process of its own",
                figures, f"ours/plain rows/s: {ratio}", f"{os.cpu_count()} CPU")  # fmt: skip
 
 
