@@ -361,9 +361,14 @@ def ask_rows(cfg: TeacherConfig, stage: str, df: pd.DataFrame, directory: str, h
     else:
         with Progress(cfg, stage, plan):
             out = run_requests(ds, cfg, stage, plan, hooks=hooks).to_pandas()
-    out.attrs["plan"] = {"to_send": plan.estimate.requests, "in_ledger": plan.already_done, "usd_max": round(plan.estimate.usd_max, 6),
-                         "mode": cfg.mode, "actors": cfg.num_actors, "in_flight_per_actor": plan.concurrency}  # fmt: skip
+    out.attrs["plan"] = plan_summary(plan, cfg)
     return out
+
+
+def plan_summary(plan: Plan, cfg: TeacherConfig) -> dict:
+    """What the estimate said before spending (it knew the ledger), for the manifest."""
+    return {"to_send": plan.estimate.requests, "in_ledger": plan.already_done, "usd_max": round(plan.estimate.usd_max, 6),
+            "mode": cfg.mode, "actors": cfg.num_actors, "in_flight_per_actor": plan.concurrency}  # fmt: skip
 
 
 STREAM_BLOCK_ROWS = 1000  # rows per request file and per batch handed back: what one process holds at a time
@@ -455,9 +460,7 @@ class TeacherStream:
         """`teacher_totals` over every row answered, with the plan (call after the rows were consumed)."""
         totals = merge_totals(self._totals)
         if self.plan is not None and totals.get("requests"):
-            totals["plan"] = {"to_send": self.plan.estimate.requests, "in_ledger": self.plan.already_done,
-                              "usd_max": round(self.plan.estimate.usd_max, 6), "mode": self.cfg.mode,
-                              "actors": self.cfg.num_actors, "in_flight_per_actor": self.plan.concurrency}  # fmt: skip
+            totals["plan"] = plan_summary(self.plan, self.cfg)
         return totals
 
     def cleanup(self) -> None:
