@@ -36,6 +36,7 @@ import os
 import posixpath
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,6 +261,37 @@ class RunDir:
         if self.exists(path):
             self.fs.delete_dir(path)
 
+
+
+class TableParts:
+    """A stage's table written part by part into its output folder, so no process holds all of it:
+    `<name>-00000.parquet`, ... (the names sort in the order written); if nothing was written, an empty table with
+    the columns, which readers can still open. `types`: columns a part may hold only nulls in, written with the type
+    the other parts have, so that the parts read as one table. `tally`: a column whose values are counted."""
+
+    def __init__(self, run: RunDir, folder: str, name: str, columns: list[str], types: dict | None = None, tally: str | None = None):
+        self.run, self.folder, self.name, self.columns, self.types, self.tally = run, folder, name, columns, types or {}, tally
+        self.parts, self.rows, self.tallied = 0, 0, Counter()
+
+    def write(self, df, empty_ok: bool = False) -> None:
+        if df.empty and not empty_ok:  # an empty part's columns have no types to read the others by
+            return
+        table = pa.Table.from_pandas(df[self.columns].reset_index(drop=True), preserve_index=False)
+        for column, kind in self.types.items():
+            if table.schema.field(column).type == pa.null():
+                table = table.set_column(table.schema.get_field_index(column), column, pa.nulls(len(table), kind))
+        self.run.write_table(self.folder, table, f"{self.name}-{self.parts:05d}.parquet")
+        self.parts, self.rows = self.parts + 1, self.rows + len(df)
+        if self.tally:
+            self.tallied.update(df[self.tally].astype(str))
+
+    def close(self) -> int:
+        """Rows written."""
+        if not self.parts:
+            import pandas as pd
+
+            self.write(pd.DataFrame(columns=self.columns), empty_ok=True)
+        return self.rows
 
 
 def file_fingerprint(fs: pafs.FileSystem, path: str) -> dict[str, Any]:

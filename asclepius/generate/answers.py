@@ -20,7 +20,7 @@ from asclepius.decontamination import HeldOutNotes
 from asclepius.generate.common import INSTRUCTION_COLUMNS, count_drop, fit, format_summary, reply_drop_reason, request_seed
 from asclepius.generate.postprocess import compile_filter, instruction_drop_reason
 from asclepius.generate.prompts import answer_prompt
-from asclepius.run import Stage, StageRun
+from asclepius.run import Stage, StageRun, TableParts
 from asclepius.teacher.client import token_counter
 from asclepius.teacher.ray_data import (
     STREAM_BLOCK_ROWS,
@@ -101,34 +101,27 @@ class InstructionsWriter:
     evaluation notes first), and the recipe's JSON export beside it, written as the parts come."""
 
     def __init__(self, ctx: StageRun, export_json: bool):
-        self.run, self.folder = ctx.run, ctx.output("instructions")
+        self.table = TableParts(ctx.run, ctx.output("instructions"), "instructions", TABLE_COLUMNS, tally="task")
         self.held_out = HeldOutNotes(ctx.run)
-        self.parts, self.rows, self.tasks = 0, 0, Counter()
         self.export = None
         if export_json:  # the recipe's own format, for existing training scripts: a JSON list of {note, question, answer}
             self.export = ctx.run.fs.open_output_stream(f"{ctx.output('export')}/instructions.json")
             self.export.write(b"[")
 
-    def write(self, table: pd.DataFrame, empty_ok: bool = False) -> None:
-        if table.empty and not empty_ok:  # an empty part's columns have no types to read the others by
-            return
+    def write(self, table: pd.DataFrame) -> None:
         self.held_out.check(table)
-        self.run.write_frame(self.folder, table[TABLE_COLUMNS], f"instructions-{self.parts:05d}.parquet")  # names sort in order
         if self.export is not None:
             for i, record in enumerate(table[["note", "question", "answer"]].to_dict(orient="records")):
-                separator = "," if self.rows or i else ""
+                separator = "," if self.table.rows or i else ""
                 self.export.write(f"{separator}\n{json.dumps(record, ensure_ascii=False)}".encode())
-        self.parts, self.rows = self.parts + 1, self.rows + len(table)
-        self.tasks.update(table.task.astype(str))
+        self.table.write(table)
 
     def close(self, counts: Counter) -> dict:
-        if not self.parts:
-            self.write(pd.DataFrame(columns=TABLE_COLUMNS), empty_ok=True)  # an empty table is still a table readers can open
+        counts["kept"] = self.table.close()
         if self.export is not None:
             self.export.write(b"\n]\n")
             self.export.close()
-        counts["kept"] = self.rows
-        return {"counts": dict(counts), "tasks": dict(self.tasks.most_common()), "decontamination": self.held_out.result()}
+        return {"counts": dict(counts), "tasks": dict(self.table.tallied.most_common()), "decontamination": self.held_out.result()}
 
 
 def publish_instructions(ctx: StageRun, table: pd.DataFrame, counts: Counter, export_json: bool) -> dict:

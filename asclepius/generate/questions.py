@@ -29,7 +29,7 @@ from asclepius.generate.pool import QuestionPool, recorded_plans
 from asclepius.generate.postprocess import clean_question
 from asclepius.generate.prompts import question_prompt, task_for
 from asclepius.generate.split import held_out_notes
-from asclepius.run import RunDir, Stage, StageRun
+from asclepius.run import RunDir, Stage, StageRun, TableParts
 from asclepius.storage import uri_join
 from asclepius.teacher.client import token_counter
 from asclepius.teacher.ray_data import (
@@ -237,7 +237,7 @@ def questions(ctx: StageRun) -> dict:
     if qc.limit is not None:
         counts["not_selected_over_limit"] = counts["read"] - counts["held_out_for_eval"] - to_ask
     teacher = ctx.teacher() if to_ask else None
-    writer = QuestionsWriter(ctx)
+    writer = TableParts(run, ctx.output("questions"), "questions", COLUMNS, types=NULLABLE_TYPES, tally="task")
     totals, pool_stats = {"requests": 0}, {}
     if teacher is not None:
         guard_privacy(teacher, (f[selected(f)] for f in question_notes(cfg, run, ["note_id", "source", "credentialed"])))
@@ -263,7 +263,7 @@ def questions(ctx: StageRun) -> dict:
                 totals = stream.totals()
             pool_stats = ray.get(pool.stats.remote())
     counts["kept"] = writer.close()
-    return {"counts": dict(counts), "tasks": dict(writer.tasks.most_common()), "similarity": pool_stats,
+    return {"counts": dict(counts), "tasks": dict(writer.tallied.most_common()), "similarity": pool_stats,
             "teacher": totals, "incomplete_rows": totals.get("retryable_failures", 0), "seconds": round(time.time() - started, 2)}  # fmt: skip
 
 
@@ -281,33 +281,8 @@ def _kept_questions(out: pd.DataFrame, qc, counts: Counter) -> pd.DataFrame:
     return pd.DataFrame(kept)[COLUMNS] if kept else pd.DataFrame(columns=COLUMNS)
 
 
-# Columns a part may hold only nulls in (no question offered to the pool in it): written with the type the others
-# have, so that the parts read as one table.
+# Columns a part of the table may hold only nulls in (no question offered to the pool in it)
 NULLABLE_TYPES = {"accepted_in_pool": pa.bool_(), "max_rouge_l": pa.float64(), "question": pa.string(), "examples": pa.string()}
-
-
-class QuestionsWriter:
-    """The questions table, part by part (`questions-00000.parquet`, ... in the order the notes were read)."""
-
-    def __init__(self, ctx: StageRun):
-        self.run, self.folder = ctx.run, ctx.output("questions")
-        self.parts, self.rows, self.tasks = 0, 0, Counter()
-
-    def write(self, table: pd.DataFrame, empty_ok: bool = False) -> None:
-        if table.empty and not empty_ok:
-            return
-        arrow = pa.Table.from_pandas(table[COLUMNS].reset_index(drop=True), preserve_index=False)
-        for name, kind in NULLABLE_TYPES.items():
-            if arrow.schema.field(name).type == pa.null():
-                arrow = arrow.set_column(arrow.schema.get_field_index(name), name, pa.nulls(len(arrow), kind))
-        self.run.write_table(self.folder, arrow, f"questions-{self.parts:05d}.parquet")
-        self.parts, self.rows = self.parts + 1, self.rows + len(table)
-        self.tasks.update(table.task.astype(str))
-
-    def close(self) -> int:
-        if not self.parts:  # an empty table is still a table readers can open
-            self.write(pd.DataFrame(columns=COLUMNS), empty_ok=True)
-        return self.rows
 
 
 def _identity(cfg):

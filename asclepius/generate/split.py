@@ -13,7 +13,7 @@ import time
 import pandas as pd
 
 from asclepius.generate.prompts import is_eval_note
-from asclepius.run import RunDir, Stage, StageRun
+from asclepius.run import RunDir, Stage, StageRun, TableParts
 
 EVAL_COLUMNS = ["note_id", "source", "text", "text_sha1", "credentialed"]
 
@@ -41,14 +41,7 @@ def split(ctx: StageRun) -> dict:
     part_rows = PART_ROWS
     started = time.time()
     counts = {"read": 0, "held_out_for_eval": 0}
-    parts, waiting = 0, []
-
-    def flush():
-        nonlocal parts, waiting
-        eval_notes = pd.concat(waiting, ignore_index=True).sort_values("note_id")
-        ctx.run.write_frame(ctx.output("eval_notes"), eval_notes, f"eval_notes-{parts:05d}.parquet")
-        parts, waiting = parts + 1, []
-
+    parts, waiting = TableParts(ctx.run, ctx.output("eval_notes"), "eval_notes", EVAL_COLUMNS), []
     for notes in candidate_notes(ctx.cfg, ctx.run, batch_rows=part_rows):
         held = held_out_mask(notes.note_id, ctx.cfg)
         counts["read"] += len(notes)
@@ -56,11 +49,11 @@ def split(ctx: StageRun) -> dict:
         if held.any():
             waiting.append(notes[held])
         if sum(map(len, waiting)) >= part_rows:
-            flush()
+            parts.write(pd.concat(waiting, ignore_index=True).sort_values("note_id"))
+            waiting = []
     if waiting:
-        flush()
-    if not parts:  # none held out: still a table readers can open
-        ctx.run.write_frame(ctx.output("eval_notes"), pd.DataFrame(columns=EVAL_COLUMNS), "eval_notes.parquet")
+        parts.write(pd.concat(waiting, ignore_index=True).sort_values("note_id"))
+    parts.close()
     counts["kept"] = counts["read"] - counts["held_out_for_eval"]
     return {"counts": counts, "seconds": round(time.time() - started, 2)}
 
