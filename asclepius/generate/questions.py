@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
+from asclepius.coalesced import Coalesced
 from asclepius.config import Config
 from asclepius.generate.common import count_drop, fit, format_summary, reply_drop_reason, request_seed
 from asclepius.generate.pool import QuestionPool, recorded_plans
@@ -48,35 +49,46 @@ COLUMNS = ["note_id", "source", "note_sha1", "credentialed", "task", "note", "no
            "question_outcome", "examples", "pool_examples_used", "pool_size_at_prompt", "accepted_in_pool", "max_rouge_l"]  # fmt: skip
 
 
-@ray.remote(num_cpus=0, max_concurrency=1)
-class QuestionPoolActor:
+class QuestionPoolService:
+    """The pool, in one actor (QuestionPoolActor). Calls come in lists: a teacher actor's requests share a round trip (QuestionHooks), and
+    a list is taken in its order, so it decides exactly what the same calls one by one would."""
+
     def __init__(self, **kwargs):
         self.pool = QuestionPool(**kwargs)
 
-    def examples(self, note_id, task):
-        return self.pool.examples(note_id, task)
+    def examples(self, calls: list[tuple[str, str]]) -> list[dict]:
+        return [self.pool.examples(note_id, task) for note_id, task in calls]
 
-    def offer(self, note_id, task, question):
-        return self.pool.offer(note_id, task, question)
+    def offer(self, calls: list[tuple[str, str, str]]) -> list[dict]:
+        return [self.pool.offer(note_id, task, question) for note_id, task, question in calls]
 
     def stats(self):
         return self.pool.stats()
 
 
+QuestionPoolActor = ray.remote(num_cpus=0, max_concurrency=1)(QuestionPoolService)
+
+
 class QuestionHooks:
-    """Builds a note's question prompt when it is sent (with the pool as it is then), and offers the answer back."""
+    """Builds a note's question prompt when it is sent (with the pool as it is then), and offers the answer back.
+
+    A teacher actor has tens of requests in flight and each needs the pool twice; one actor call each would make the
+    pool's round trips, not the teacher, set the stage's pace. What the requests ask while a call is in flight goes
+    together in the next one (Coalesced): the pool sees the same calls in the same order, in fewer trips."""
 
     def __init__(self, pool_name: str, template: str):
-        self.pool = ray.get_actor(pool_name, namespace="asclepius")
+        pool = ray.get_actor(pool_name, namespace="asclepius")
         self.template = template
+        self.plans = Coalesced(lambda calls: pool.examples.remote(calls))
+        self.decisions = Coalesced(lambda calls: pool.offer.remote(calls))
 
     async def before(self, row: dict) -> dict:
-        return prompt_fields(self.template, row, await self.pool.examples.remote(row["note_id"], row["task"]))
+        return prompt_fields(self.template, row, await self.plans.submit((row["note_id"], row["task"])))
 
     async def after(self, row: dict, outcome) -> dict:
         fields = reply_fields(outcome.text if outcome.status == "ok" else None, outcome.status, outcome.finish_reason)
         if fields["offer"]:
-            decision = await self.pool.offer.remote(row["note_id"], row["task"], fields["question"])
+            decision = await self.decisions.submit((row["note_id"], row["task"], fields["question"]))
             fields.update(accepted_in_pool=decision["accepted"], max_rouge_l=decision["rouge_l"])
         del fields["offer"]
         return fields
@@ -104,17 +116,17 @@ def ask_in_waves(cfg: Config, teacher, rows: list[dict], directory: str, pool, s
     size = teacher.batch_wave_size
     for i in range(0, len(rows), size):
         wave = [dict(r) for r in rows[i : i + size]]
-        plans = ray.get([pool.examples.remote(r["note_id"], r["task"]) for r in wave])
+        plans = ray.get(pool.examples.remote([(r["note_id"], r["task"]) for r in wave]))
         wave = [{**r, **prompt_fields(cfg.questions.prompt, r, plan)} for r, plan in zip(wave, plans)]
         out = ask_rows(teacher, stage, pd.DataFrame(wave), directory, spent_usd=spent_usd)
-        extra = []
-        for r in out.to_dict(orient="records"):
-            fields = reply_fields(r["response"] if r["status"] == "ok" else None, r["status"], r["finish_reason"])
-            if fields["offer"]:
-                decision = ray.get(pool.offer.remote(r["note_id"], r["task"], fields["question"]))
+        answered = out.to_dict(orient="records")
+        extra = [reply_fields(r["response"] if r["status"] == "ok" else None, r["status"], r["finish_reason"]) for r in answered]
+        offered = [(r["note_id"], r["task"], f["question"]) for r, f in zip(answered, extra) if f["offer"]]
+        decisions = iter(ray.get(pool.offer.remote(offered)))  # the wave's offers in one call, in the wave's order
+        for fields in extra:
+            if fields.pop("offer"):
+                decision = next(decisions)
                 fields.update(accepted_in_pool=decision["accepted"], max_rouge_l=decision["rouge_l"])
-            del fields["offer"]
-            extra.append(fields)
         frames.append(pd.concat([out.reset_index(drop=True), pd.DataFrame(extra)], axis=1))
         log.info("teacher %s: wave %d of %d done", stage, i // size + 1, -(-len(rows) // size))
     return pd.concat(frames, ignore_index=True)
