@@ -15,8 +15,11 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # - A node keeps up to its CPU count of idle worker processes; while training actors hold processes, the Ray Data
 #   workers that tokenized (torch and transformers imported, ~8 s to start again) are killed after a second idle.
 #   Kept instead, the next stage's tasks reuse them.
+# - Every process exports its metrics every 10 s by default; a test that scrapes them waits for an export (and one
+#   that a value outlives an export waits for two). Every 2 s instead.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_num_workers_soft_limit", "6")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Our metrics reach Ray's Prometheus export (what the dashboard's Grafana reads), recorded by the real code paths."""
 
 import asyncio
+import os
 import re
 import time
 
@@ -87,7 +88,7 @@ def test_teacher_stage_and_training_metrics_are_scraped(ray_local, tmp_path):
     assert values(found["ray_asclepius_train_loss"], stage="probe-finetune") == [1.25]
     assert values(found["ray_asclepius_train_mfu"], stage="probe-finetune") == [0.41]
     # a gauge set once (a slow training step) stays on the dashboard between sets: Ray exports a set value once
-    time.sleep(12)
+    time.sleep(2.5 * int(os.environ["RAY_metrics_report_interval_ms"]) / 1000)  # more than two exports later
     again = scrape_metrics(["ray_asclepius_train_loss"], timeout_s=5)
     assert values(again["ray_asclepius_train_loss"], stage="probe-finetune") == [1.25]
     # the Grafana dashboard's panels query exactly the series names Ray exported here (asclepius.dashboard)

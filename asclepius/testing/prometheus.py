@@ -22,7 +22,7 @@ def scrape_metrics(names: list[str], port: int | None = None, timeout_s: float =
         found = {n: [line for line in text.splitlines() if line.startswith(n + "{")] for n in names}
         if all(found.values()) and (until is None or until(found)):
             break
-        time.sleep(2)
+        time.sleep(0.5)
     return found
 
 

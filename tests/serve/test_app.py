@@ -36,7 +36,8 @@ def urls(ray_local):
     os.environ["ASCLEPIUS_TEST_SERVE_KEY"] = KEY
     out["secure"] = start(ServeConfig(**base, app_name="secure", route_prefix="/secure", api_key_env="ASCLEPIUS_TEST_SERVE_KEY", models=[model("tiny-s")]))
     yield out
-    serve.shutdown()
+    for name in out:  # Serve itself stays up for the next module's apps (its controller and proxy take seconds to start)
+        serve.delete(name)
 
 
 def client(url, key="none"):
