@@ -65,6 +65,8 @@ def test_three_stages_end_to_end(ray_local, tmp_path):
         s = results["synthesize"]
         assert s["counts"]["read"] == 12 and s["counts"]["not_selected_over_limit"] == 9 and s["counts"]["kept"] == 3
         assert s["teacher"]["requests"] == 3 and s["teacher"]["from_ledger"] == 0
+        # streamed: three summaries for one actor are three blocks, each written as a part when it came back
+        assert len(list((run / "synthetic_notes").rglob("synthetic_notes-*.parquet"))) == 3
 
         q = pd.read_parquet(run / "questions")
         evals = pd.read_parquet(run / "eval_notes")
