@@ -16,7 +16,9 @@ OpenAI-compatible test server (asclepius/testing/openai_server.py: 0.05 s latenc
     request files, the answered rows back a block at a time and written to Parquet, so no process holds them all.
     The rate limit is set far above what is reached, so the limiter schedules but never waits;
 (c) the pipeline itself: N notes (~300 tokens each, a generic CSV) through notes → split (10 % held out) →
-    questions → answers, as `asclepius run` runs them, rows/s over the two teacher stages' own seconds.
+    questions → answers, as `asclepius run` runs them, rows/s over the two teacher stages' own seconds;
+(d) the synthesize stage: N case reports (the same ~300-token text, a source named `pmc`) through notes →
+    synthesize, rows/s over the stage's own seconds.
 Each of (b) and (c) runs in a process of its own, with its own Ray instance, so that a peak is its own.
 Memory: every process's peak resident and unique set (sampled every 0.5 s: the driver and each Ray worker and
 raylet), so the row says which process grows with N. Appends one row to BENCHMARKS.md.
@@ -193,13 +195,29 @@ def ours_pipeline(base_url: str, n: int, work: str, actors: int, per_actor: int)
     return rows / (q["seconds"] + a["seconds"]), q["teacher"]["ok"] + a["teacher"]["ok"], detail
 
 
+def ours_synthesize(base_url: str, n: int, work: str, actors: int, per_actor: int) -> tuple[float, int, str]:
+    """The synthesize stage as a user runs it: n case reports (~300 tokens each, a generic CSV whose source is named
+    a case report source) through notes → synthesize; rows/s over the synthesize stage's own time."""
+    from asclepius.config import config_from_dict
+    from asclepius.pipeline import run_pipeline
+
+    reports = Path(work) / "case_reports.csv"
+    text = SENTENCE * 12
+    pd.DataFrame({"id": [f"r{i:07d}" for i in range(n)], "body": [f"Case {i}. {text}" for i in range(n)]}).to_csv(reports, index=False)
+    teacher = teacher_config(base_url, actors, per_actor).model_dump(exclude_none=True)
+    cfg = config_from_dict({"run_dir": str(Path(work) / "run"), "teacher": teacher, "synthesize": {"max_tokens_cap": MAX_TOKENS},
+                            "notes": {"sources": [{"kind": "generic", "name": "pmc", "path": str(reports), "text_column": "body", "id_column": "id"}]}})  # fmt: skip
+    s = run_pipeline(cfg, stages=["notes", "synthesize"])["synthesize"]
+    return s["teacher"]["requests"] / s["seconds"], s["teacher"]["ok"]
+
+
 def pa_table(df: pd.DataFrame):
     import pyarrow as pa
 
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
-CONTENDERS = {"ask_rows": ours_rows, "stream": ours_stream, "pipeline": ours_pipeline}
+CONTENDERS = {"ask_rows": ours_rows, "stream": ours_stream, "pipeline": ours_pipeline, "synthesize": ours_synthesize}
 
 
 def one_run(name: str, n: int, base_url: str, actors: int, per_actor: int) -> dict:
@@ -261,7 +279,8 @@ def main() -> None:
         record("pipeline_scale", f"python benchmarks/pipeline_scale.py --sizes {args.sizes} --contenders {args.contenders}",
                f"answer requests (~300-token notes, max_tokens 400), test server {args.latency_s} s latency, 40-token replies, no quota; "
                f"plain asyncio client {args.in_flight} in flight vs ask_rows / TeacherStream / the pipeline's "
-               f"questions+answers stages (N notes) {args.actors} actors x {per_actor}, each run in a process of its own",
+               f"questions+answers stages (N notes) / the synthesize stage (N case reports) {args.actors} actors x {per_actor}, "
+               f"each run in a process of its own",
                figures, f"ours/plain rows/s: {ratio}", f"{os.cpu_count()} CPU")  # fmt: skip
 
 
