@@ -50,8 +50,9 @@ COLUMNS = ["note_id", "source", "note_sha1", "credentialed", "task", "note", "no
 
 
 class QuestionPoolService:
-    """The pool, in one actor (QuestionPoolActor). Calls come in lists: a teacher actor's requests share a round trip (QuestionHooks), and
-    a list is taken in its order, so it decides exactly what the same calls one by one would."""
+    """The pool, in one actor (QuestionPoolActor). Calls come in lists, so a teacher actor's requests share a round
+    trip (QuestionHooks); a list is taken in its order, so the pool decides exactly what the same calls one by one
+    would."""
 
     def __init__(self, **kwargs):
         self.pool = QuestionPool(**kwargs)

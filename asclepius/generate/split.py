@@ -38,17 +38,16 @@ PART_ROWS = 1000  # notes read at a time, and held-out notes per part written
 
 def split(ctx: StageRun) -> dict:
     """The held-out notes, written in parts of about PART_ROWS rows, each in note id order (the readers sort them)."""
-    part_rows = PART_ROWS
     started = time.time()
     counts = {"read": 0, "held_out_for_eval": 0}
     parts, waiting = TableParts(ctx.run, ctx.output("eval_notes"), "eval_notes", EVAL_COLUMNS), []
-    for notes in candidate_notes(ctx.cfg, ctx.run, batch_rows=part_rows):
+    for notes in candidate_notes(ctx.cfg, ctx.run, batch_rows=PART_ROWS):
         held = held_out_mask(notes.note_id, ctx.cfg)
         counts["read"] += len(notes)
         counts["held_out_for_eval"] += int(held.sum())
         if held.any():
             waiting.append(notes[held])
-        if sum(map(len, waiting)) >= part_rows:
+        if sum(map(len, waiting)) >= PART_ROWS:
             parts.write(pd.concat(waiting, ignore_index=True).sort_values("note_id"))
             waiting = []
     if waiting:
