@@ -9,6 +9,7 @@ import time
 
 import pandas as pd
 import pytest
+import ray
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,9 +137,20 @@ def test_lora_finetune_of_a_current_family_on_two_zero3_workers(ray_local, tmp_p
     while not (storage.exists() and list(storage.rglob("checkpoint_manager_snapshot.json"))):  # a checkpoint is committed
         assert thread.is_alive() and time.time() < deadline, "training ended before a worker could be killed"
         time.sleep(0.1)
-    # Ray names an actor's process after its class (ray::RayTrainWorker...)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "TrainWorker" in " ".join(p.info["cmdline"] or [])[:200]]
-    assert len(workers) == 2, [" ".join(p.info["cmdline"])[:80] for p in workers]
+    # Ray names an actor's process after its class (ray::RayTrainWorker...); only this session's Ray instance's (its
+    # raylet starts them), not another test run's or a cluster's on the same machine
+    from ray._private import ray_constants
+
+    raylet = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+    def cmdline(process):
+        try:
+            return " ".join(process.cmdline())[:200]
+        except psutil.NoSuchProcess:  # an idle worker that exited meanwhile
+            return ""
+
+    workers = [p for p in psutil.Process(raylet).children() if "TrainWorker" in cmdline(p)]
+    assert len(workers) == 2, [cmdline(p)[:80] for p in workers]
     os.kill(workers[1].pid, signal.SIGKILL)  # one worker dies; the driver, the controller and the other worker live on
     thread.join(timeout=400)
     assert not thread.is_alive() and result["final_step"] == 8 and result["resumed_from"] >= 2, result
