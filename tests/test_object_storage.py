@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from asclepius.config import config_from_dict
-from asclepius.generate.pool import QuestionPool
+from asclepius.generate.pool import QuestionPool, QuestionPoolService
 from asclepius.recipe import load_recipe
 from asclepius.run import RunDir, Stage, run_stage, stage_status
 from asclepius.storage import AppendLog, compact, local_copy, log_files, read_bytes, upload_dir, write_bytes
@@ -143,6 +143,14 @@ def test_question_pool_journal_replays_from_s3(s3):
     again = QuestionPool(tasks, 0.7, 3, 2, seed=0, journal_dir=uri)
     assert again.examples("n1", "Paraphrasing") == plan
     assert again.tasks["Paraphrasing"].pool == second.tasks["Paraphrasing"].pool and len(again.tasks["Paraphrasing"].pool) == 2
+    # the pool's actor takes its calls in lists: a list's decisions are one object (one PUT, not one per decision)
+    before = len(log_files(uri, "journal"))
+    service = QuestionPoolService(tasks=tasks, threshold=0.7, seed_examples=3, pool_examples=2, seed=0, journal_dir=uri)
+    service.examples([(f"m{i}", "Paraphrasing") for i in range(6)])
+    service.offer([(f"m{i}", "Paraphrasing", f"Can you restate the line about drug {i} plainly?") for i in range(6)])
+    assert len(log_files(uri, "journal")) == before + 2
+    replayed = QuestionPool(tasks, 0.7, 3, 2, seed=0, journal_dir=uri)
+    assert {f"m{i}" for i in range(6)} <= set(replayed.plans) & set(replayed.decisions)
 
 
 def test_local_copy_downloads_once_and_again_when_replaced(s3, tmp_path, monkeypatch):

@@ -24,9 +24,11 @@ teacher ledger answers it without paying) and the pool is what it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -39,6 +41,16 @@ from asclepius.run import stable_fraction
 from asclepius.storage import AppendLog, read_log
 
 JOURNAL = "journal"
+# rouge-score's tokens without its stemmer (rouge_score/tokenize.py): lowercased, every run of characters outside
+# [a-z0-9] a separator, empty tokens dropped — which is every maximal run of [a-z0-9]. Its module imports nltk, scipy
+# and scikit-learn (2.5 s of CPU in the pool's actor, which every question request waited for at a stage's start).
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """The tokens rouge-score's DefaultTokenizer(use_stemmer=False) gives (tests/generate/test_pool_equivalence.py)."""
+    return _TOKEN.findall(text.lower())
+
 _SURROGATES = 0xD800  # token ids map to code points, skipping the surrogate block (not valid in a str)
 
 
@@ -63,9 +75,6 @@ class TaskPool:
         self.threshold = threshold
         self.seeds = list(seeds)
         self.pool: list[str] = []
-        from rouge_score import tokenizers  # here: it imports nltk and scipy (2 s), which only the pool needs
-
-        self._tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)  # rouge-score's tokens, exactly
         self._ids: dict[str, str] = {}  # token → its one-character code
         self._codes = _Growing(object)  # every seed and pool question as a string of token codes
         self._lengths = _Growing()
@@ -76,7 +85,7 @@ class TaskPool:
 
     def _encode(self, question: str) -> str:
         out = []
-        for token in self._tokenizer.tokenize(question):
+        for token in rouge_tokens(question):
             code = self._ids.get(token)
             if code is None:
                 n = len(self._ids) + 1
@@ -169,6 +178,7 @@ class QuestionPool:
         self.plans: dict[str, dict] = {}
         self.decisions: dict[str, dict] = {}
         self._journal = None
+        self._unwritten: list[dict] | None = None  # the records of the calls in one_write, not yet journaled
         if journal_dir:
             self._replay(journal_dir)
             # the journal holds generated questions about clinical notes: private (AppendLog); named by start time
@@ -189,8 +199,23 @@ class QuestionPool:
                     pool._add(rec["question"])
 
     def _write(self, record: dict) -> None:
-        if self._journal is not None:
+        if self._unwritten is not None:
+            self._unwritten.append(record)
+        elif self._journal is not None:
             self._journal.append(record)
+
+    @contextlib.contextmanager
+    def one_write(self):
+        """The decisions made inside are journaled together when it ends, before any of them is handed out: one
+        fsync (or one object on object storage) for a list of calls, not one each — the pool's actor serves every
+        request of the stage, and on object storage a PUT per decision would set the stage's pace."""
+        self._unwritten = []
+        try:
+            yield
+        finally:
+            records, self._unwritten = self._unwritten, None
+            if self._journal is not None:
+                self._journal.append_many(records)
 
     def examples(self, note_id: str, task: str) -> dict:
         """The examples for a note's prompt: the recorded ones if it already has a plan for this task."""
@@ -229,3 +254,24 @@ class QuestionPool:
             "pool_sizes": {t: len(p.pool) for t, p in self.tasks.items()},
             "exact_rouge_computations": sum(p.exact_scores for p in self.tasks.values()),
         }
+
+
+class QuestionPoolService:
+    """The pool as the questions stage's actor serves it (asclepius.generate.questions.QuestionPoolActor). Calls come
+    in lists, so a teacher actor's requests share a round trip (QuestionHooks), and a list's decisions share one
+    journal write; a list is taken in its order, so the pool decides exactly what the same calls one by one would.
+    Defined here, not beside the actor, so that its process imports only this module (not the teacher's client)."""
+
+    def __init__(self, **kwargs):
+        self.pool = QuestionPool(**kwargs)
+
+    def examples(self, calls: list[tuple[str, str]]) -> list[dict]:
+        with self.pool.one_write():
+            return [self.pool.examples(note_id, task) for note_id, task in calls]
+
+    def offer(self, calls: list[tuple[str, str, str]]) -> list[dict]:
+        with self.pool.one_write():
+            return [self.pool.offer(note_id, task, question) for note_id, task, question in calls]
+
+    def stats(self):
+        return self.pool.stats()

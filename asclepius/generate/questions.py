@@ -26,7 +26,7 @@ import ray
 from asclepius.coalesced import Coalesced
 from asclepius.config import Config
 from asclepius.generate.common import count_drop, fit, format_summary, reply_drop_reason, request_seed
-from asclepius.generate.pool import QuestionPool, recorded_plans
+from asclepius.generate.pool import QuestionPoolService, recorded_plans
 from asclepius.generate.postprocess import clean_question
 from asclepius.generate.prompts import question_prompt, task_for
 from asclepius.generate.split import held_out_notes
@@ -49,24 +49,8 @@ COLUMNS = ["note_id", "source", "note_sha1", "credentialed", "task", "note", "no
            "question_outcome", "examples", "pool_examples_used", "pool_size_at_prompt", "accepted_in_pool", "max_rouge_l"]  # fmt: skip
 
 
-class QuestionPoolService:
-    """The pool, in one actor (QuestionPoolActor). Calls come in lists, so a teacher actor's requests share a round
-    trip (QuestionHooks); a list is taken in its order, so the pool decides exactly what the same calls one by one
-    would."""
-
-    def __init__(self, **kwargs):
-        self.pool = QuestionPool(**kwargs)
-
-    def examples(self, calls: list[tuple[str, str]]) -> list[dict]:
-        return [self.pool.examples(note_id, task) for note_id, task in calls]
-
-    def offer(self, calls: list[tuple[str, str, str]]) -> list[dict]:
-        return [self.pool.offer(note_id, task, question) for note_id, task, question in calls]
-
-    def stats(self):
-        return self.pool.stats()
-
-
+# the pool in one actor (one caller at a time: its decisions depend on their order); its class lives in
+# asclepius.generate.pool, which is all its process imports
 QuestionPoolActor = ray.remote(num_cpus=0, max_concurrency=1)(QuestionPoolService)
 
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import ray
 
-from asclepius.generate.pool import QuestionPool
-from asclepius.generate.questions import QuestionHooks, QuestionPoolService
+from asclepius.generate.pool import QuestionPool, QuestionPoolService
+from asclepius.generate.questions import QuestionHooks
 
 pytestmark = pytest.mark.ray
 

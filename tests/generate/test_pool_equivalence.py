@@ -9,12 +9,37 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from asclepius.generate.pool import TaskPool
+from asclepius.generate.pool import TaskPool, rouge_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from question_pool import make_questions  # noqa: E402
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def test_the_tokens_are_rouge_scores():
+    """rouge-score's tokenizer (no stemmer), without importing it: the same tokens on adversarial text — characters
+    whose lower case is or holds ASCII (the Kelvin sign, dotted I), other digits, every separator, lone surrogates."""
+    from rouge_score import tokenizers
+
+    theirs = tokenizers.DefaultTokenizer(use_stemmer=False)
+    rng = random.Random(0)
+    alphabet = list(string.printable) + ["\u212a", "\u0130", "\u00df", "\uff11", "\u0663", "\u00e9", "\ud800", "\udfff", "\u00a0",
+                                         "\u2028", "\x85", "\u0131", "\u017f", "\ufb01", "\U0001f600", "\u0399\u0308\u0301"]  # fmt: skip
+    texts = ["", " ", "What is the EF?", "Kelvin \u212a and \u0130stanbul", "x1 2 \uff11\uff12 \u0663", "a\nb\tc\rd\x0be\x0cf"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    texts += adversarial(rng, 300) + make_questions(300, seed=1)
+    for text in texts:
+        assert rouge_tokens(text) == theirs.tokenize(text), repr(text)
+
+
+def test_the_pool_does_not_import_rouge_score():
+    """Its actor starts before any question request can be sent: nltk, scipy and scikit-learn (rouge-score's
+    imports) cost seconds there."""
+    import subprocess
+
+    code = "import sys, asclepius.generate.pool; print(sorted(m for m in ('rouge_score', 'nltk', 'scipy', 'sklearn', 'openai') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 def brute_force(seeds, questions, threshold):

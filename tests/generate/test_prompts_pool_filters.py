@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from asclepius.config import config_from_dict
-from asclepius.generate.pool import QuestionPool, TaskPool
+from asclepius.generate.pool import QuestionPool, QuestionPoolService, TaskPool
 from asclepius.generate.postprocess import clean_question, compile_filter, instruction_drop_reason
 from asclepius.generate.prompts import answer_prompt, fit_note, is_eval_note, question_prompt, synthesis_prompt, task_for
 from asclepius.recipe import load_recipe
@@ -68,6 +68,35 @@ def test_pool_examples_three_seeds_and_up_to_two_from_the_pool(tmp_path):
     assert again.offer("n1", "Paraphrasing", "anything else")["question"] == "anything else"
     assert again.examples("n2", "Summarization")["task"] == "Summarization"
     assert set(again.examples("n2", "Summarization")["examples"][:3]) <= set(tasks["Summarization"])
+
+
+def test_a_list_of_calls_is_journaled_in_one_write_before_any_is_handed_out(tmp_path, monkeypatch):
+    """The pool's actor takes its calls in lists; their decisions go to the journal in one write (one fsync, one
+    object on object storage), and a call that fails part-way still journals the decisions made before it."""
+    from asclepius.storage import AppendLog
+
+    writes = []
+    real = AppendLog.append_many
+    monkeypatch.setattr(AppendLog, "append_many", lambda self, records: (writes.append([r["note_id"] for r in records]), real(self, records))[1])
+    tasks = {t.task: list(t.seed_questions) for t in R.tasks}
+    args = dict(tasks=tasks, threshold=0.7, seed_examples=3, pool_examples=2, seed=0, journal_dir=str(tmp_path))
+    service = QuestionPoolService(**args)
+    plans = service.examples([(f"n{i}", "Paraphrasing") for i in range(5)])
+    offers = [(f"n{i}", "Paraphrasing", q) for i, q in enumerate(["Restate the sepsis line?", "Restate the sepsis line?",
+                                                                  "Explain dialysis in plain words?", "", "What is a stent, simply?"])]  # fmt: skip
+    decisions = service.offer(offers)
+    assert writes == [[f"n{i}" for i in range(5)]] * 2  # 2 writes for 10 decisions
+    assert [d["accepted"] for d in decisions] == [True, False, True, True, True]
+    # the same calls one by one on a pool of their own decide the same
+    alone = QuestionPool(**{**args, "journal_dir": None})
+    assert [alone.examples(n, t) for n, t in [(f"n{i}", "Paraphrasing") for i in range(5)]] == plans
+    assert [alone.offer(*o) for o in offers] == decisions
+    with pytest.raises(KeyError):  # an unknown task, third in the list
+        service.offer([("n7", "Paraphrasing", "Say 'NPO' plainly?"), ("n8", "Paraphrasing", "Say 'PRN' plainly?"), ("n9", "No such task", "?")])
+    assert writes[-1] == ["n7", "n8"]
+    replayed = QuestionPoolService(**args).pool  # a restart replays all 12 decisions made
+    assert set(replayed.plans) == {f"n{i}" for i in range(5)} and set(replayed.decisions) == {f"n{i}" for i in (0, 1, 2, 3, 4, 7, 8)}
+    assert replayed.tasks["Paraphrasing"].pool == service.pool.tasks["Paraphrasing"].pool
 
 
 def test_similarity_filter():
