@@ -16,8 +16,8 @@ The rule is kept exactly (same tokens as rouge-score's, same F, same comparison)
   sets).
 benchmarks/question_pool.py measures it from 1k to 20k questions per task.
 
-Every decision is journaled (`<dir>/journal-*.jsonl`, an `AppendLog`: fsynced, or one object per decision on
-object storage) before it is used: which examples a note's prompt used, and which questions were offered and
+Every decision is journaled (`<dir>/journal-*.jsonl`, an `AppendLog`: fsynced, or one object per list of calls
+on object storage) before it is used: which examples a note's prompt used, and which questions were offered and
 accepted. Writers are named by their start time, so the journals replay in the order they were written. A resumed job replays it, so a note asks the same prompt again (and the
 teacher ledger answers it without paying) and the pool is what it was.
 """
