@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -37,3 +38,28 @@ def ray_local():
     yield ray
     ray.shutdown()
 
+
+
+def _our_named_actors() -> set[tuple[str, str]]:
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return set()
+    return {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "asclepius"}
+
+
+@pytest.fixture(autouse=True)
+def no_named_actor_outlives_its_test():
+    """A run's rate limiter is detached (every job on a cluster shares it) and its question pool lives as long as its
+    driver: in the session's one Ray instance each test's would stay up to the session's end, each an idle process
+    that still takes CPU (Ray's heartbeats and metrics) from every later test. Killed when their test ends."""
+    before = _our_named_actors()
+    yield
+    after = _our_named_actors()
+    if after - before:
+        import ray
+
+        for name, namespace in after - before:
+            try:
+                ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+            except ValueError:  # gone meanwhile
+                pass
