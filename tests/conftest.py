@@ -39,7 +39,6 @@ def ray_local():
     ray.shutdown()
 
 
-
 def _our_named_actors() -> set[tuple[str, str]]:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
@@ -49,9 +48,9 @@ def _our_named_actors() -> set[tuple[str, str]]:
 
 @pytest.fixture(autouse=True)
 def no_named_actor_outlives_its_test():
-    """A run's rate limiter is detached (every job on a cluster shares it) and its question pool lives as long as its
-    driver: in the session's one Ray instance each test's would stay up to the session's end, each an idle process
-    that still takes CPU (Ray's heartbeats and metrics) from every later test. Killed when their test ends."""
+    """A run's rate limiter is detached (every job on a cluster shares it): in the session's one Ray instance each
+    test's would stay up to the session's end, an idle process that still takes CPU (Ray's heartbeats and metrics)
+    from every later test. Any named actor of ours a test leaves behind is killed when the test ends."""
     before = _our_named_actors()
     yield
     after = _our_named_actors()
