@@ -292,6 +292,26 @@ def _error_code(err: openai.APIStatusError) -> str:
     return f"http {err.status_code}" + (f" {code}" if code else "")
 
 
+RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"  # openai's own switch to a raw response (openai/_constants.py)
+
+
+def parse_chat_completion(data) -> tuple[list[str], list[str], int | None, int | None]:
+    """A chat completion's texts and finish reasons (in choice order) and its token usage. Raises ValueError on a body
+    that is not one (a 200 that a broken proxy or server answered): the request is retried as malformed."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices):
+        raise ValueError("not a chat completion")
+    choices = sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)
+    texts = [c["message"].get("content") or "" for c in choices]
+    reasons = [c.get("finish_reason") or "" for c in choices]
+    if not all(isinstance(t, str) and isinstance(r, str) for t, r in zip(texts, reasons)):
+        raise ValueError("not a chat completion")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    counts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")]
+    prompt_tokens, completion_tokens = (n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None for n in counts)
+    return texts, reasons, prompt_tokens, completion_tokens
+
+
 class TeacherClient:
     def __init__(
         self,
@@ -339,22 +359,20 @@ class TeacherClient:
             usage = data.get("usage") or {}
             return (200, {}, [data["answer"]], [data.get("finish_reason") or ""], usage.get("prompt_tokens"),
                     usage.get("completion_tokens"))  # fmt: skip
-        raw = await self.client.chat.completions.with_raw_response.create(
-            model=self.cfg.model,
-            messages=req.messages,
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p if req.top_p is not None else openai.NOT_GIVEN,
-            seed=req.seed if req.seed is not None else openai.NOT_GIVEN,
-            n=req.n,
-            extra_headers=headers,
-            extra_body=req.extra_body or None,
-        )
-        completion = raw.parse()
-        choices = sorted(completion.choices, key=lambda c: c.index)
-        usage = completion.usage
-        return (raw.status_code, dict(raw.headers), [c.message.content or "" for c in choices], [c.finish_reason or "" for c in choices],
-                usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None)  # fmt: skip
+        # The chat request as JSON through the openai client's own request path (auth, Azure's deployment URLs,
+        # timeouts, errors as APIStatusError), its reply parsed here: the client's typed-parameter transform and its
+        # response models cost ~0.5 of the ~1.9 ms of CPU a request took it, which at a self-hosted teacher's pace
+        # is the stage's pace (benchmarks/pipeline_scale.py). The raw-response header is how the client's own
+        # `with_raw_response` returns the status and headers (the limiter reads the provider's rate-limit headers).
+        body = {"model": self.cfg.model, "messages": req.messages, "max_tokens": req.max_tokens, "temperature": req.temperature, "n": req.n}
+        for name in ("top_p", "seed"):
+            if getattr(req, name) is not None:
+                body[name] = getattr(req, name)
+        body.update(req.extra_body or {})  # provider extensions at the top level, as the client's extra_body puts them
+        raw = await self.client.post("/chat/completions", cast_to=str, body=body,
+                                     options={"headers": {**headers, RAW_RESPONSE_HEADER: "true"}})  # fmt: skip
+        texts, reasons, prompt_tokens, completion_tokens = parse_chat_completion(json.loads(raw.text))
+        return raw.status_code, dict(raw.headers), texts, reasons, prompt_tokens, completion_tokens
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -392,7 +410,8 @@ class TeacherClient:
                 outcome.http_status, outcome.error = None, "timeout"
             except openai.APIConnectionError:
                 outcome.http_status, outcome.error = None, "connection error"
-            except (openai.APIResponseValidationError, ValueError) as err:  # a 200 whose body is not a completion
+            except (openai.APIResponseValidationError, ValueError, RecursionError) as err:  # a 200 whose body is not a completion
+                # (RecursionError: JSON nested deeper than the parser goes)
                 status = 200
                 outcome.http_status, outcome.error = 200, f"malformed response ({type(err).__name__})"
             outcome.retryable = is_retryable(status) or outcome.error.startswith("malformed")

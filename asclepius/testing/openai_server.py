@@ -8,7 +8,8 @@ teacher.
     python -m asclepius.testing.openai_server --port 8911 --rpm 600 --tpm 40000 [--window-s 60]
 
 Faults, by a marker in the last message:  [[fault:500]] [[fault:503]] [[fault:500-once]] (fails the first time
-its request key is seen) [[fault:slow:SECONDS]] [[fault:malformed]] [[fault:content_filter]] [[fault:length]]
+its request key is seen) [[fault:slow:SECONDS]] [[fault:malformed]] (JSON cut short)
+[[fault:not_completion]] (JSON, but no choices) [[fault:deep_json]] (nested past any parser's depth) [[fault:content_filter]] [[fault:length]]
 [[fault:context_length]] (400 context_length_exceeded) [[fault:answer_500]] (500 for every request but the judge's).
 `--fail-rate` adds random 500s.
 
@@ -157,6 +158,10 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
         if kind == "malformed":
             state["statuses"][200] += 1
             return PlainTextResponse('{"id": "chatcmpl-x", "choices": [', headers=hdrs, media_type="application/json")
+        if kind in ("not_completion", "deep_json"):  # a 200 that a broken proxy could send: JSON, not a completion
+            state["statuses"][200] += 1
+            body = '{"id": "chatcmpl-x", "object": "error"}' if kind == "not_completion" else '{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}"
+            return PlainTextResponse(body, headers=hdrs, media_type="application/json")
         choices, used = [], 0
         judged = judge_reply(messages)
         for i in range(n):

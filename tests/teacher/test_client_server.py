@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from asclepius.config import TeacherConfig
-from asclepius.teacher.client import ChatRequest, LocalLimiter, TeacherClient
+from asclepius.teacher.client import ChatRequest, LocalLimiter, TeacherClient, parse_chat_completion
 from asclepius.teacher.ledger import Ledger
 from asclepius.teacher.limiter import RateLimiter
 from asclepius.testing.openai_server import max_window_usage
@@ -66,6 +66,8 @@ def ask(c: TeacherClient, content: str, i: int = 0, **kw):
         ("[[fault:503]]", "error", None, 3, True, "http 503 server_error"),
         ("[[fault:slow:5]]", "error", None, 3, True, "timeout"),  # beyond the 2 s timeout, each attempt
         ("[[fault:malformed]]", "error", None, 3, True, "malformed response (JSONDecodeError)"),
+        ("[[fault:not_completion]]", "error", None, 3, True, "malformed response (ValueError)"),
+        ("[[fault:deep_json]]", "error", None, 3, True, "malformed response (RecursionError)"),
         ("[[fault:context_length]]", "error", None, 1, False, "http 400 context_length_exceeded"),  # never retried
         ("[[fault:content_filter]]", "ok", "content_filter", 1, False, None),  # an outcome, not an error
         ("[[fault:length]]", "ok", "length", 1, False, None),
@@ -199,3 +201,24 @@ def test_the_same_model_at_a_new_address_answers_from_the_ledger(tmp_path):
         assert again.cached and again.texts == first.texts and not b.stats()["requests"]
         pinned = ask(client(teacher(b, key_includes_endpoint=True), Ledger(str(tmp_path))), "moved teacher")
         assert not pinned.cached and len(b.stats()["requests"]) == 1  # opt in: the endpoint is part of the key
+
+
+def test_a_chat_completion_is_read_as_the_provider_sends_it_and_anything_else_is_malformed():
+    # the shape OpenAI documents (platform.openai.com/docs/api-reference/chat/object): choices with index, message
+    # (content null when filtered) and finish_reason; usage with prompt and completion tokens
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 1, "message": {"role": "assistant", "content": "second"}, "finish_reason": "length"},
+                        {"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "content_filter"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}  # fmt: skip
+    assert parse_chat_completion(body) == (["", "second"], ["content_filter", "length"], 12, 7)
+    # a server that leaves usage out, or sends it malformed: tokens unknown (estimated downstream), texts kept
+    del body["usage"]
+    assert parse_chat_completion(body)[2:] == (None, None)
+    body["usage"] = {"prompt_tokens": "12", "completion_tokens": -1}
+    assert parse_chat_completion(body)[2:] == (None, None)
+    body["usage"] = {"prompt_tokens": True, "completion_tokens": 3.5}  # a bool or a float is not a count
+    assert parse_chat_completion(body)[2:] == (None, None)
+    for bad in (None, [], "text", {}, {"choices": []}, {"choices": "x"}, {"choices": [{"message": "hi"}]}, {"choices": [None]},
+                {"choices": [{"message": {"content": 5}}]}, {"choices": [{"message": {"content": "a"}, "finish_reason": 3}]}):  # fmt: skip
+        with pytest.raises(ValueError):
+            parse_chat_completion(bad)
