@@ -8,8 +8,8 @@ teacher.
     python -m asclepius.testing.openai_server --port 8911 --rpm 600 --tpm 40000 [--window-s 60]
 
 Faults, by a marker in the last message:  [[fault:500]] [[fault:503]] [[fault:500-once]] (fails the first time
-its request key is seen) [[fault:slow:SECONDS]] [[fault:malformed]] (JSON cut short)
-[[fault:not_completion]] (JSON, but no choices) [[fault:deep_json]] (nested past any parser's depth) [[fault:content_filter]] [[fault:length]]
+its request key is seen) [[fault:slow:SECONDS]] [[fault:malformed]] (JSON cut short) [[fault:not_completion]] (JSON,
+but no choices) [[fault:deep_json]] (nested past any parser's depth) [[fault:content_filter]] [[fault:length]]
 [[fault:context_length]] (400 context_length_exceeded) [[fault:answer_500]] (500 for every request but the judge's).
 `--fail-rate` adds random 500s.
 

@@ -211,7 +211,7 @@ def test_a_chat_completion_is_read_as_the_provider_sends_it_and_anything_else_is
                         {"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "content_filter"}],
             "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}  # fmt: skip
     assert parse_chat_completion(body) == (["", "second"], ["content_filter", "length"], 12, 7)
-    # a server that leaves usage out, or sends it malformed: tokens unknown (estimated downstream), texts kept
+    # a server that leaves usage out, or sends it malformed: tokens unknown (the limiter keeps the worst case counted), texts kept
     del body["usage"]
     assert parse_chat_completion(body)[2:] == (None, None)
     body["usage"] = {"prompt_tokens": "12", "completion_tokens": -1}
