@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import threading
@@ -390,6 +391,19 @@ def max_window_usage(admitted: list[dict], window_s: float) -> tuple[int, int]:
     return best_r, best_t
 
 
+def exit_with_parent(parent_pid: int, every_s: float = 0.5) -> None:
+    """Exit as soon as the process that started this server is gone (we are handed to another parent). A test or a
+    benchmark killed with -9 never reaches its `finally`; without this its server would stay up, taking CPU and a
+    port from whatever runs next."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(every_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def main() -> None:
     import uvicorn
 
@@ -407,7 +421,10 @@ def main() -> None:
     ap.add_argument("--api-key", default=None, help="require this key (Bearer or api-key header)")
     ap.add_argument("--latency-range", default=None, help="seconds, e.g. 2-8: each request's latency drawn uniformly")
     ap.add_argument("--completion-range", default=None, help="tokens, e.g. 100-400: each reply's length drawn uniformly")
+    ap.add_argument("--exit-with-parent", type=int, default=None, metavar="PID", help="exit when process PID (our parent) is gone")
     args = ap.parse_args()
+    if args.exit_with_parent is not None:
+        exit_with_parent(args.exit_with_parent)
     app = build_app(args.rpm, args.tpm, args.window_s, args.latency_s, args.completion_tokens, args.fail_rate, accounting=args.accounting,
                     batch_latency_s=args.batch_latency_s, api_key=args.api_key,
                     latency_range=tuple(float(x) for x in args.latency_range.split("-")) if args.latency_range else None,

@@ -57,7 +57,8 @@ class ServerProcess:
 @contextlib.contextmanager
 def openai_test_server(**options):
     port = free_port()
-    args = [sys.executable, "-m", "asclepius.testing.openai_server", "--port", str(port)]
+    # the server exits with this process: a test or benchmark killed with -9 never reaches the `finally` below
+    args = [sys.executable, "-m", "asclepius.testing.openai_server", "--port", str(port), "--exit-with-parent", str(os.getpid())]
     for k, v in options.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})

@@ -222,3 +222,40 @@ def test_a_chat_completion_is_read_as_the_provider_sends_it_and_anything_else_is
                 {"choices": [{"message": {"content": 5}}]}, {"choices": [{"message": {"content": "a"}, "finish_reason": 3}]}):  # fmt: skip
         with pytest.raises(ValueError):
             parse_chat_completion(bad)
+
+
+def test_the_test_server_exits_when_whatever_started_it_is_killed(tmp_path):
+    """A test or benchmark killed with -9 never runs its `finally`: its server must not outlive it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "server.pid"
+    starter = ("import sys, time\nfrom asclepius.testing.server_process import openai_test_server\n"
+               "with openai_test_server(rpm=100, tpm=10000) as s:\n"
+               f"    open({str(pid_file)!r}, 'w').write(str(s.proc.pid))\n    time.sleep(600)\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", starter])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "the server did not start"
+        time.sleep(0.1)
+    server_pid = int(pid_file.read_text())
+    os.kill(server_pid, 0)  # up
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # gone but not yet reaped by its new parent
+            if open(f"/proc/{server_pid}/stat").read().split(") ")[1].startswith("Z"):
+                return
+        except OSError:
+            return
+        time.sleep(0.1)
+    os.kill(server_pid, signal.SIGKILL)
+    raise AssertionError("the test server outlived the process that started it by 10 s")
