@@ -98,7 +98,9 @@ def test_a_stream_of_rows_comes_back_in_order_a_block_at_a_time_and_a_rerun_pays
     assert totals["requests"] == 90 and totals["ok"] == 72 and sum(totals["errors"].values()) == 18
     assert totals["completion_tokens"] == 72 * 16 and totals["from_ledger"] == 0
     assert totals["plan"]["to_send"] == 90 and totals["plan"]["in_ledger"] == 0
-    assert scan_ledger(ledger).files == 2  # both actors sent: each writes its own ledger part
+    # each actor that took blocks writes its own ledger part: 2 actors, though the first can take every block while
+    # the second still starts (seen in CI once requests got cheaper); never one part per block or per request
+    assert scan_ledger(ledger).files in (1, 2)
     stream.cleanup()
     assert fs.get_file_info(work).type == pafs.FileType.NotFound
 
