@@ -28,7 +28,7 @@ import openai
 
 from asclepius.config import TeacherConfig
 from asclepius.storage import AppendLog, read_log
-from asclepius.teacher.client import ChatOutcome, ChatRequest, is_retryable, key_identity, read_api_key
+from asclepius.teacher.client import ChatOutcome, ChatRequest, is_retryable, key_identity, parse_chat_completion, read_api_key
 from asclepius.teacher.cost import cost_usd
 from asclepius.teacher.ledger import Ledger, scan_ledger
 
@@ -115,43 +115,62 @@ class BatchRunner:
             time.sleep(self.cfg.batch_poll_s)
 
     def _collect(self, batch, keys: set[str], attempts: dict[str, int]) -> dict[str, ChatOutcome]:
-        """Outcomes of a finished batch's lines, journaled in the ledger (final answers and retryable failures)."""
+        """Outcomes of a finished batch's lines, journaled in the ledger (final answers and retryable failures).
+        A line is read as the online reply is: a 200 that is not a chat completion is a malformed, retryable
+        outcome; a line that is not JSON names no request, so its request is retried as having no result."""
         out: dict[str, ChatOutcome] = {}
+        unreadable = 0
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
             for raw in self.client.files.content(file_id).text.splitlines():
                 if not raw.strip():
                     continue
-                line = json.loads(raw)
-                key = line.get("custom_id")
-                if key not in keys:
+                try:
+                    line = json.loads(raw)
+                except (ValueError, RecursionError):
+                    line = None
+                if not isinstance(line, dict):
+                    unreadable += 1
                     continue
-                outcome = ChatOutcome(key=key, status="error", attempts=attempts.get(key, 1))
-                response = line.get("response") or {}
-                status = response.get("status_code")
-                body = response.get("body") or {}
-                if status == 200 and body.get("choices") is not None:
-                    choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
-                    usage = body.get("usage") or {}
-                    outcome.texts = [(c.get("message") or {}).get("content") or "" for c in choices]
-                    outcome.finish_reasons = [c.get("finish_reason") or "" for c in choices]
-                    outcome.prompt_tokens, outcome.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-                    outcome.cost_usd = cost_usd(outcome.prompt_tokens or 0, outcome.completion_tokens or 0, self.price)
-                    outcome.status, outcome.http_status = "ok", 200
-                else:
-                    err = (body.get("error") or line.get("error") or {}) if isinstance(body, dict) else {}
-                    outcome.http_status = status
-                    outcome.error = f"batch http {status} {err.get('code', '')}".strip()
-                    outcome.retryable = is_retryable(status)
-                out[key] = outcome
-        missing = keys - set(out)  # expired or cancelled batches leave lines without a result: retry them
+                key = line.get("custom_id")
+                if not isinstance(key, str) or key not in keys:
+                    continue
+                out[key] = self._outcome(key, line, attempts.get(key, 1))
+        if unreadable:
+            log.warning("teacher %s: batch %s: %d result lines were not JSON objects; their requests are retried", self.stage, batch.id, unreadable)
+        missing = keys - set(out)  # expired or cancelled batches (or unreadable lines) leave requests without a result: retry them
         for key in missing:
-            out[key] = ChatOutcome(key=key, status="error", error=f"batch {batch.status}", retryable=True, attempts=attempts.get(key, 1))
+            out[key] = ChatOutcome(key=key, status="error", error=f"batch {batch.status}, no result", retryable=True, attempts=attempts.get(key, 1))
         # one durable write per output file (one object on object storage); a kill before it reads the file again,
         # which the provider does not charge twice
         self.ledger.append_many([o.record() for o in out.values()])
         return out
+
+    def _outcome(self, key: str, line: dict, attempts: int) -> ChatOutcome:
+        """One result line: {"custom_id", "response": {"status_code", "body"}, "error"} (OpenAI's batch output format)."""
+        outcome = ChatOutcome(key=key, status="error", attempts=attempts)
+        response = line.get("response") if isinstance(line.get("response"), dict) else {}
+        status = response.get("status_code")
+        status = status if isinstance(status, int) and not isinstance(status, bool) else None
+        body = response.get("body")
+        outcome.http_status = status
+        if status == 200:
+            try:
+                outcome.texts, outcome.finish_reasons, outcome.prompt_tokens, outcome.completion_tokens = parse_chat_completion(body)
+            except ValueError as err:
+                outcome.error, outcome.retryable = f"malformed response ({type(err).__name__})", True
+                return outcome
+            outcome.cost_usd = cost_usd(outcome.prompt_tokens or 0, outcome.completion_tokens or 0, self.price)
+            outcome.status = "ok"
+            return outcome
+        # an error line: the provider's code, from the body or the line's own error (never its message: it may quote input)
+        err = body.get("error") if isinstance(body, dict) else None
+        err = err if isinstance(err, dict) else (line.get("error") if isinstance(line.get("error"), dict) else {})
+        code = err.get("code") if isinstance(err.get("code"), str) else ""
+        outcome.error = f"batch http {status} {code[:64]}".strip()
+        outcome.retryable = is_retryable(status)
+        return outcome
 
     # ------------------------------------------------------------------------------------------- the run
     def run(self, requests: list[ChatRequest]) -> list[ChatOutcome]:

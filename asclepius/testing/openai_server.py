@@ -11,7 +11,8 @@ Faults, by a marker in the last message:  [[fault:500]] [[fault:503]] [[fault:50
 its request key is seen) [[fault:slow:SECONDS]] [[fault:malformed]] (JSON cut short) [[fault:not_completion]] (JSON,
 but no choices) [[fault:deep_json]] (nested past any parser's depth) [[fault:content_filter]] [[fault:length]]
 [[fault:context_length]] (400 context_length_exceeded) [[fault:answer_500]] (500 for every request but the judge's).
-`--fail-rate` adds random 500s.
+`--fail-rate` adds random 500s. Batch lines take the same markers: 500s go to the error file; `malformed` cuts the
+line short in the output file, `not_completion` answers a 200 that is no completion.
 
 Judge: a prompt with the recipe's judge output rule gets scores (see `judge_reply`). POST /v1/answer is our Serve
 app's clinical endpoint ({note, question}).
@@ -241,18 +242,23 @@ def build_app(rpm: float, tpm: float, window_s: float = 60.0, latency_s: float =
             choices, used = [], 0
             for i in range(n):
                 text = judge_reply(messages) or (f"Answer {hashlib.sha256(f'{last}|{i}'.encode()).hexdigest()[:8]} " + "lorem ipsum " * want)[: max(1, want * 4)]
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "length" if kind == "length" else "stop"})
-                used += byte_estimate(text)
+                reason = "length" if kind == "length" else ("content_filter" if kind == "content_filter" else "stop")
+                choices.append({"index": i, "message": {"role": "assistant", "content": None if reason == "content_filter" else text}, "finish_reason": reason})
+                used += 0 if reason == "content_filter" else byte_estimate(text)
             pt = prompt_tokens(messages)
-            out.append({"id": f"batch_req_{uuid.uuid4().hex[:8]}", "custom_id": custom_id, "error": None,
-                        "response": {"status_code": 200, "request_id": f"req-{custom_id[:8]}",
-                                     "body": {"id": f"chatcmpl-{custom_id[:12]}", "object": "chat.completion", "model": body.get("model"), "choices": choices,
-                                              "usage": {"prompt_tokens": pt, "completion_tokens": used, "total_tokens": pt + used}}}})  # fmt: skip
+            completion = {"id": f"chatcmpl-{custom_id[:12]}", "object": "chat.completion", "model": body.get("model"), "choices": choices,
+                          "usage": {"prompt_tokens": pt, "completion_tokens": used, "total_tokens": pt + used}}  # fmt: skip
+            if kind == "not_completion":
+                completion = {"id": "chatcmpl-x", "object": "error"}
+            row = {"id": f"batch_req_{uuid.uuid4().hex[:8]}", "custom_id": custom_id, "error": None,
+                   "response": {"status_code": 200, "request_id": f"req-{custom_id[:8]}", "body": completion}}
+            out.append(json.dumps(row)[:40] if kind == "malformed" else row)  # malformed: the line cut short
             done += 1
         for name, rows in (("output_file_id", out), ("error_file_id", err)):
             if rows:
                 fid = f"file-{uuid.uuid4().hex[:12]}"
-                files[fid] = {"content": "".join(json.dumps(r) + "\n" for r in rows).encode(), "purpose": "batch_output", "filename": f"{name}.jsonl"}
+                text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+                files[fid] = {"content": text.encode(), "purpose": "batch_output", "filename": f"{name}.jsonl"}
                 b[name] = fid
         b.update(status="completed", completed_at=int(time.time()), request_counts={"total": len(b["lines"]), "completed": done, "failed": failed})
         b["lines"] = []

@@ -19,6 +19,7 @@ from asclepius.pipeline import run_pipeline
 from asclepius.run import RunDir, stage_status
 from asclepius.teacher.client import ChatRequest, PrivacyError
 from asclepius.teacher.cost import BudgetExceeded
+from asclepius.teacher.ledger import scan_ledger
 from asclepius.teacher.ray_data import ask_rows, teacher_totals, user_messages
 from asclepius.testing.server_process import openai_test_server
 
@@ -179,6 +180,63 @@ def test_batch_failed_lines_go_in_a_new_batch_and_azure_paths(ray_local, tmp_pat
         assert stats["batches_created"] == 2  # the failed line in a second batch
         uploads = [r for r in stats["requests"] if r["path"].startswith("/openai/files")]
         assert uploads and all(r["query"] == {"api-version": cfg.api_version} and r["api_key"] == "az" for r in uploads)
+
+
+def test_a_batch_line_that_is_no_completion_is_retried_as_malformed_and_the_others_land(tmp_path):
+    from asclepius.teacher.batch import BatchRunner
+
+    with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.01, batch_latency_s=0.1) as server:
+        cfg = TeacherConfig(**teacher(server, "lines", mode="batch", batch_poll_s=0.05, max_attempts=2))
+        markers = ["", "[[fault:not_completion]]", "[[fault:malformed]]", "[[fault:content_filter]]", "[[fault:500]]"]
+        reqs = [ChatRequest([{"role": "user", "content": f"q{i} {m}"}], 8, stage="b", sample_index=i) for i, m in enumerate(markers)]
+        out = BatchRunner(cfg, "b", str(tmp_path / "ledger"), (0.0, 0.0)).run(reqs)
+        assert [o.status for o in out] == ["ok", "error", "error", "ok", "error"]
+        assert out[0].texts[0].startswith("Answer ") and out[0].prompt_tokens > 0
+        assert (out[1].error, out[1].http_status, out[1].attempts) == ("malformed response (ValueError)", 200, 2)
+        assert (out[2].error, out[2].attempts) == ("batch completed, no result", 2)  # a line cut short names no request
+        assert out[3].texts == [""] and out[3].finish_reasons == ["content_filter"]  # content: null is an empty answer
+        assert (out[4].error, out[4].attempts) == ("batch http 500 server_error", 2)
+        assert server.stats()["batches_created"] == 2  # the three failed lines went in a second batch, once
+        journaled = scan_ledger(str(tmp_path / "ledger"))  # the answers are final; the failures are retried by a rerun
+        assert set(journaled.records) == {o.key for o in out if o.status == "ok"}
+        assert set(journaled.retryable) == {o.key for o in out if o.status == "error"}
+
+
+def test_batch_result_lines_are_read_adversarially(tmp_path):
+    from types import SimpleNamespace
+
+    from asclepius.teacher.batch import BatchRunner
+
+    def completion(text, **usage):
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}], "usage": usage}
+
+    keys = [f"k{i}" for i in range(7)]
+    lines = ["[", "[]", "\"text\"", "[" * 100_000 + "]" * 100_000, json.dumps({"custom_id": 5}), "\ud800",
+             json.dumps({"custom_id": "k0", "response": {"status_code": 200, "body": completion("hi", prompt_tokens=3, completion_tokens=1)}}),
+             json.dumps({"custom_id": "k1", "response": None, "error": {"code": "invalid_request", "message": "quotes the note"}}),
+             json.dumps({"custom_id": "k2", "response": {"status_code": "200", "body": completion("hi")}}),
+             json.dumps({"custom_id": "k3", "response": {"status_code": 200, "body": completion("hi", prompt_tokens=1e308, completion_tokens=-1)}}),
+             json.dumps({"custom_id": "k4", "response": {"status_code": 200, "body": {"choices": [{"index": 0, "message": "x"}]}}}),
+             json.dumps({"custom_id": "k5", "response": {"status_code": 400, "body": {"error": {"code": ["not", "a", "string"]}}}}),
+             json.dumps({"custom_id": "unknown", "response": {"status_code": 200, "body": completion("hi")}})]  # fmt: skip
+    contents = {"out": "\n".join(lines), "err": ""}
+    client = SimpleNamespace(files=SimpleNamespace(content=lambda fid: SimpleNamespace(text=contents[fid])))
+    cfg = TeacherConfig(provider="openai_compatible", base_url="http://127.0.0.1:9/v1", model="m", mode="batch")
+    runner = BatchRunner(cfg, "b", str(tmp_path / "ledger"), (1.0, 1.0), client=client)
+    batch = SimpleNamespace(id="batch_1", status="completed", output_file_id="out", error_file_id="err")
+    out = runner._collect(batch, set(keys), {k: 1 for k in keys})
+    assert set(out) == set(keys)
+    assert out["k0"].status == "ok" and out["k0"].texts == ["hi"] and (out["k0"].prompt_tokens, out["k0"].completion_tokens) == (3, 1)
+    assert (out["k1"].error, out["k1"].retryable) == ("batch http None invalid_request", True)  # no status: may be transient
+    assert "note" not in out["k1"].error  # the provider's message may quote the input: never kept
+    assert (out["k2"].status, out["k2"].http_status, out["k2"].retryable) == ("error", None, True)
+    assert out["k3"].status == "ok" and (out["k3"].prompt_tokens, out["k3"].completion_tokens) == (None, None)  # unknown usage
+    assert (out["k4"].error, out["k4"].retryable) == ("malformed response (ValueError)", True)
+    assert (out["k5"].error, out["k5"].retryable) == ("batch http 400", False)
+    assert (out["k6"].error, out["k6"].retryable) == ("batch completed, no result", True)
+    runner.ledger.close()
+    journaled = scan_ledger(str(tmp_path / "ledger"))
+    assert set(journaled.records) == {"k0", "k3", "k5"} and set(journaled.retryable) == {"k1", "k2", "k4", "k6"}
 
 
 def test_a_batch_created_before_a_crash_is_adopted_not_created_again(ray_local, tmp_path):
