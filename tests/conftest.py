@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that need Ray take `ray_local`: one local instance for the whole session."""
+"""Shared fixtures. Tests that need Ray take `ray_local`: one local instance for the whole session (`make test` runs
+two sessions side by side, pytest-xdist's processes, each with its own instance and whole test files)."""
 
 from __future__ import annotations
 
