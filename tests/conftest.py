@@ -10,6 +10,14 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# `make test` runs two test processes on the machine's cores. torch (and DeepSpeed's CPU Adam) start one OpenMP thread
+# per core in every process: beside the other busy process, their threads wait on each other at every parallel region
+# and spin. The demo's fine-tune (tests/test_demo_ending.py) beside one busy core took 414 s and 498 CPU-s with 2
+# threads, 245 s and 241 CPU-s with 1. Each test process, and every process it starts (Ray's workers inherit it),
+# gets its share of the cores. Set before anything imports torch.
+TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if TEST_PROCESSES > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // TEST_PROCESSES)))
 # Every Ray instance the tests start (this session's, a CLI run's, a fake cluster's) inherits these. Both change
 # when Ray does things, never what it does:
 # - Ray Train's controller looks at its workers every 2 s by default; a tiny model's run waits seconds for those
