@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if TEST_PROCESSES > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // TEST_PROCESSES)))
-# Every Ray instance the tests start (this session's, a CLI run's, a fake cluster's) inherits these. Both change
+# Every Ray instance the tests start (this session's, a CLI run's, a fake cluster's) inherits these. Each changes
 # when Ray does things, never what it does:
 # - Ray Train's controller looks at its workers every 2 s by default; a tiny model's run waits seconds for those
 #   looks (its last checkpoint, its end). Every half second instead.
