@@ -95,18 +95,3 @@ def test_the_driver_starts_without_torch_or_nltk():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
 
-
-def test_each_test_process_uses_its_share_of_the_cores():
-    """Under `make test`'s processes (tests/conftest.py) torch in a test process, and in the processes it starts, runs
-    one thread per core of its share (OMP_NUM_THREADS, unless the caller set it): more spin against the other's work."""
-    import os
-    import subprocess
-    import sys
-
-    import torch
-
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
-    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True,
-                           text=True, check=True)  # fmt: skip
-    assert int(child.stdout) == torch.get_num_threads()
