@@ -94,4 +94,3 @@ def test_the_driver_starts_without_torch_or_nltk():
     code = "import sys, asclepius.cli, asclepius.pipeline, asclepius.train.ray_train; print(sorted({'torch', 'nltk', 'scipy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
-
