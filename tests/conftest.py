@@ -1,5 +1,5 @@
-"""Shared fixtures. Tests that need Ray take `ray_local`: one local instance for the whole session (`make test` runs
-two sessions side by side, pytest-xdist's processes, each with its own instance and whole test files)."""
+"""Shared fixtures. Tests that need Ray take `ray_local`: one local instance for the whole session (`make test
+TEST_WORKERS=2` runs two sessions side by side, pytest-xdist's processes, each with its own instance and whole test files)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-# `make test` runs two test processes on the machine's cores. torch (and DeepSpeed's CPU Adam) start one OpenMP thread
+# `make test TEST_WORKERS=2` runs two test processes on the machine's cores. torch (and DeepSpeed's CPU Adam) start one OpenMP thread
 # per core in every process: beside the other busy process, their threads wait on each other at every parallel region
 # and spin. The demo's fine-tune (tests/test_demo_ending.py) beside one busy core took 414 s and 498 CPU-s with 2
 # threads, 245 s and 241 CPU-s with 1. Each test process, and every process it starts (Ray's workers inherit it),
