@@ -89,6 +89,36 @@ def init_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> None:
         kwargs["object_store_memory"] = cfg.object_store_memory_mb << 20
     # address="local": always a new instance of our own, even when the machine runs a Ray cluster (`ray start
     # --head`, or one that died without `ray stop`): a bare ray.init() would attach to it and refuse num_cpus.
-    ray.init(address="local", **kwargs)
+    _start_local(kwargs)
     _route_worker_logs()
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
+
+
+LOCAL_START_ATTEMPTS = 3
+
+
+def _start_local(kwargs: dict) -> None:
+    """`ray.init(address="local")`, tried again when the new node does not come up. Ray's raylet waits a fixed ~15 s
+    (not configurable) for its dashboard agent to write its port, then aborts, and ray.init fails with "The current
+    node timed out during startup". On a busy machine the agent's Python start-up alone can take longer (22 s on 2
+    cores while two test processes trained). The failed attempt's processes (GCS, log monitor, the dead raylet) are
+    this process's children; they are stopped before the next attempt."""
+    import psutil
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(left, timeout=10)
+            log.warning("Ray's local instance did not start in time (attempt %d of %d; Ray waits a fixed ~15 s for its "
+                        "agent, which a busy machine can exceed); starting it again", attempt, LOCAL_START_ATTEMPTS)  # fmt: skip

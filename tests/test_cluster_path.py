@@ -484,6 +484,45 @@ def _own_instance_next_to(tmp_path: Path) -> None:
     kill_ray_processes_under(tmp_path)
 
 
+# Python runs a sitecustomize module on its path at every start: this one holds Ray's dashboard agent back the first time
+# it starts, as a busy machine does (22 s in a CI run with two test processes); Ray's raylet waits a fixed ~15 s for it.
+SLOW_FIRST_AGENT = """
+import os, sys, time
+if sys.argv and sys.argv[0].endswith(os.path.join("dashboard", "agent.py")):
+    try:
+        os.close(os.open(os.environ["SLOW_AGENT_MARKER"], os.O_CREAT | os.O_EXCL))
+        time.sleep(25)
+    except FileExistsError:
+        pass
+"""
+CHILDREN = """
+import psutil
+print("GCS servers", sum("gcs_server" in " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True) if p.status() != "zombie"))
+"""
+
+
+def test_the_embedded_default_starts_ray_again_when_its_agent_is_too_slow_for_the_raylet():
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_FIRST_AGENT)
+        env = {**os.environ, "TMPDIR": str(tmp_path), "SLOW_AGENT_MARKER": str(tmp_path / "slowed"),
+               "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        env.pop("RAY_ADDRESS", None)
+        probe = subprocess.run([sys.executable, "-c", PROBE + CHILDREN], env=env, capture_output=True, text=True, timeout=300)
+        assert (tmp_path / "slowed").exists()  # the first agent was held back
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        assert "did not start in time (attempt 1 of 3" in probe.stderr and "attempt 2 of 3" not in probe.stderr, probe.stderr[-3000:]
+        assert "GCS servers 1" in probe.stdout  # the failed attempt's GCS is stopped, not left running beside the new one
+        assert probe.stdout.split("GCS ")[1].split()[1] == "1.0"
+    finally:
+        kill_ray_processes_under(tmp_path)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------- what the cluster can add
 def test_node_types_from_the_cluster_launchers_config_as_ray_up_leaves_it_on_the_head():
     from asclepius.fits import types_from_autoscaling_config
