@@ -89,7 +89,7 @@ def init_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> None:
         kwargs["object_store_memory"] = cfg.object_store_memory_mb << 20
     # address="local": always a new instance of our own, even when the machine runs a Ray cluster (`ray start
     # --head`, or one that died without `ray stop`): a bare ray.init() would attach to it and refuse num_cpus.
-    _start_local(kwargs)
+    start_local_ray(kwargs)
     _route_worker_logs()
     log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
 
@@ -97,7 +97,7 @@ def init_ray(cfg: RayConfig, env: dict[str, str] | None = None) -> None:
 LOCAL_START_ATTEMPTS = 3
 
 
-def _start_local(kwargs: dict) -> None:
+def start_local_ray(kwargs: dict) -> None:
     """`ray.init(address="local")`, tried again when the new node does not come up. Ray's raylet waits a fixed ~15 s
     (not configurable) for its dashboard agent to write its port, then aborts, and ray.init fails with "The current
     node timed out during startup". On a busy machine the agent's Python start-up alone can take longer (22 s on 2

@@ -37,12 +37,14 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from asclepius.cluster import start_local_ray
         from asclepius.testing.server_process import free_port
 
-        # our own instance even if the machine runs a Ray cluster (a bare init would attach to it); its node serves
-        # the Prometheus metrics on a port of its own (tests/test_metrics.py scrapes it)
+        # our own instance even if the machine runs a Ray cluster (a bare init would attach to it), started again if
+        # its agent is slow (as the CLI's); its node serves the Prometheus metrics on a port of its own
+        # (tests/test_metrics.py scrapes it)
         port = free_port()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+        start_local_ray(dict(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port))
         os.environ["ASCLEPIUS_TEST_METRICS_PORT"] = str(port)
     yield ray
     ray.shutdown()
