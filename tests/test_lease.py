@@ -14,6 +14,7 @@ import pytest
 
 from asclepius.lease import LEASE_FILE, LeaseLost, RunDirLeased, RunLease
 from asclepius.run import RunDir
+from asclepius.testing import job_env
 from asclepius.testing.s3 import s3_env, s3_test_server
 from asclepius.testing.server_process import openai_test_server
 
@@ -84,20 +85,21 @@ def _lease_exists(uri: str) -> bool:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_two_asclepius_runs_on_one_run_directory(where, tmp_path, request):
-    """The way it happens: Ctrl-C on `ray job submit` leaves the job running, and the user submits again."""
+def test_two_asclepius_runs_on_one_run_directory(where, tmp_path, request, ray_local):
+    """The way it happens: Ctrl-C on `ray job submit` leaves the job running, and the user submits again: every driver
+    here joins one running Ray instance (this session's), as jobs on a cluster do."""
+    gcs = ray_local.get_runtime_context().gcs_address
     if where == "s3":
         server = request.getfixturevalue("s3")
         uri = server.uri("two-drivers")
-        env = {**os.environ, **server.env}
+        env = {**job_env(gcs, server.env), **server.env}  # the workers' credentials, and the driver's own
     else:
         uri = str(tmp_path / "run")
-        env = dict(os.environ)
-    env["RAY_ADDRESS"] = ""
+        env = job_env(gcs)
 
     def asclepius(*args: str, **kw) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "asclepius.cli", "run", "--config", "configs/demo.yaml", f"run_dir={uri}",
-               "teacher_from_serve=null", f"teacher.base_url={teacher.base_url}", "ray.num_cpus=1", *args]  # fmt: skip
+               "teacher_from_serve=null", f"teacher.base_url={teacher.base_url}", *args]  # fmt: skip
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, **kw)  # fmt: skip
 

@@ -19,7 +19,7 @@ from asclepius.run import RunDir
 from asclepius.teacher.ledger import scan_ledger
 from asclepius.testing.s3 import s3_env, s3_test_server
 from asclepius.testing.server_process import openai_test_server
-from asclepius.testing import published
+from asclepius.testing import job_env, published
 
 pytestmark = pytest.mark.ray
 
@@ -98,9 +98,11 @@ def test_three_stages_end_to_end(ray_local, tmp_path):
 
 
 @pytest.mark.parametrize("storage", ["local", "s3"])
-def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path, storage):
-    """kill -9 of the job (driver and its Ray instance) mid-stage, then the same command again: nothing finished is
-    sent twice — with the run on a local disk, and in S3 (the ledger's group-committed objects)."""
+def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path, storage, request):
+    """kill -9 of the job mid-stage, then the same command again: nothing finished is sent twice — with the run on a
+    local disk as the embedded default runs it (the driver and the Ray instance it started die together), and in S3
+    as a job on a cluster (the driver dies; the running instance ends its workers) with the ledger's group-committed
+    objects."""
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(openai_test_server(rpm=100000, tpm=10**9, latency_s=0.5, completion_tokens=20))
         data = config(tmp_path, server, synthesize={"limit": 12, "max_tokens_cap": 32})
@@ -108,7 +110,7 @@ def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path, storage):
         if storage == "s3":
             s3 = stack.enter_context(s3_test_server())
             stack.enter_context(s3_env(s3))  # this process reads the ledger there too
-            env.update(s3.env)
+            env = {**job_env(request.getfixturevalue("ray_local").get_runtime_context().gcs_address, s3.env), **s3.env}
             data["run_dir"] = s3.uri("killed-run")
         data["teacher"]["num_actors"] = 1
         data["teacher"]["concurrency_per_actor"] = 1  # one at a time: the kill lands midway
@@ -121,7 +123,7 @@ def test_kill_midway_and_resubmit_pays_nothing_twice(tmp_path, storage):
         while len(scan_ledger(ledger).records) < 3:
             assert proc.poll() is None and time.time() < deadline, "the job ended before it could be killed"
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver (and the Ray instance it started, if it started one)
         proc.wait()
         # Requests already on the wire may still land in the ledger while Ray tears the dead job's actors down:
         # wait until it stops changing, then take what is finished.

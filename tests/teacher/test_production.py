@@ -21,6 +21,7 @@ from asclepius.teacher.client import ChatRequest, PrivacyError
 from asclepius.teacher.cost import BudgetExceeded
 from asclepius.teacher.ledger import scan_ledger
 from asclepius.teacher.ray_data import ask_rows, teacher_totals, user_messages
+from asclepius.testing import job_env
 from asclepius.testing.server_process import openai_test_server
 
 pytestmark = pytest.mark.ray
@@ -259,12 +260,12 @@ def test_a_batch_created_before_a_crash_is_adopted_not_created_again(ray_local, 
         assert [o.status for o in out] == ["ok"] * 3 and server.stats()["batches_created"] == 1
 
 
-def test_kill_during_a_batch_then_resubmit_pays_nothing_twice(tmp_path):
+def test_kill_during_a_batch_then_resubmit_pays_nothing_twice(tmp_path, ray_local):
     with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.01, batch_latency_s=8) as server:
         data = synth_config(tmp_path, server)
         (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
         cmd = [sys.executable, "-m", "asclepius.cli", "run", "--config", str(tmp_path / "cfg.yaml"), "--stage", "notes", "--stage", "synthesize"]
-        env = {**os.environ, "RAY_ADDRESS": ""}
+        env = job_env(ray_local.get_runtime_context().gcs_address)  # jobs on one running cluster
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
         deadline = time.time() + 240
         while not list((tmp_path / "run" / "ledger" / "synthesize").glob("batches-*.jsonl")):

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from asclepius.config import config_from_dict
 from asclepius.run import RunDir, run_stage
 from asclepius.train.ray_train import FINETUNE_STAGE, PRETRAIN_STAGE
-from asclepius.testing import published
+from asclepius.testing import job_env, published
 
 pytestmark = pytest.mark.ray
 
@@ -156,11 +156,13 @@ def test_lora_finetune_of_a_current_family_on_two_zero3_workers(ray_local, tmp_p
     assert [resumed[s] for s in range(1, 9)] == pytest.approx([uninterrupted[s] for s in range(1, 9)], rel=1e-4)
 
 
-def test_kill_after_a_checkpoint_then_resume_to_the_same_final_step(tmp_path):
+def test_kill_after_a_checkpoint_then_resume_to_the_same_final_step(ray_local, tmp_path):
+    """kill -9 of a finetuning job on a running cluster (this session's instance) after its first checkpoint; the
+    same job again resumes from it."""
     data, _, _ = make_run(tmp_path, zero_stage=2, max_steps=10, checkpoint_every_steps=2)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "asclepius.cli", "run", "--config", str(tmp_path / "cfg.yaml"), "--stage", "finetune"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = job_env(ray_local.get_runtime_context().gcs_address)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     storage = tmp_path / "run" / "ray_train"  # one Ray Train run per attempt: finetune-<attempt>
     deadline = time.time() + 400
