@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from asclepius.cli import main
+from asclepius.testing import job_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +29,11 @@ def test_unknown_stage_is_refused(capsys):
     assert "unknown stage" in capsys.readouterr().err
 
 
-def test_notes_job_entrypoint_runs_the_demo(tmp_path):
-    # what `ray job submit ... -- python ray_jobs/notes.py --config ...` runs, in its own process and Ray instance
+def test_notes_job_entrypoint_runs_the_demo(tmp_path, ray_local):
+    # what `ray job submit ... -- python ray_jobs/notes.py --config ...` runs: its own process, on a running Ray instance
     proc = subprocess.run(
         [sys.executable, str(ROOT / "ray_jobs/notes.py"), "--config", str(ROOT / "configs/demo.yaml"), f"run_dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=job_env(ray_local.get_runtime_context().gcs_address),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

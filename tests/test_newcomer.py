@@ -32,8 +32,9 @@ def demo_like(tmp_path, server):
     }  # fmt: skip
 
 
-def run_cli(args, cwd, timeout=600):
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+def run_cli(args, cwd, timeout=600, ray_address=""):
+    """The CLI in its own process: with its own Ray instance, as a newcomer runs it, or on a running one."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "asclepius.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
@@ -60,11 +61,12 @@ def test_the_console_is_quiet_and_every_stage_shows(tmp_path):
         assert verbose.returncode == 0 and ("INFO" in verbose.stderr)
 
 
-def test_status_on_a_finished_and_a_half_finished_run(tmp_path, capsys):
+def test_status_on_a_finished_and_a_half_finished_run(tmp_path, capsys, ray_local):
     with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.01, completion_tokens=12) as server:
         data = demo_like(tmp_path, server)
         (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(data))
-        assert run_cli(["run", "--config", str(tmp_path / "cfg.yaml"), "--stage", "notes", "--stage", "synthesize"], tmp_path).returncode == 0
+        half = ["run", "--config", str(tmp_path / "cfg.yaml"), "--stage", "notes", "--stage", "synthesize"]
+        assert run_cli(half, tmp_path, ray_address=ray_local.get_runtime_context().gcs_address).returncode == 0  # the run status reads
         assert main(["status", str(tmp_path / "run"), "--config", str(tmp_path / "cfg.yaml"), "--json"]) == 0
         rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
         assert rows["notes"]["state"] == "complete" and rows["notes"]["rows_in"] == "27" and rows["notes"]["rows_out"] == "20"
