@@ -71,26 +71,66 @@ def venv_requirements() -> list[str]:
     return [TORCH_HERE if n == "torch" else f"{n}=={IMAGE_PINS[n]}" if n in IMAGE_PINS else n for n in STEP_NEEDS] + carried_pins()
 
 
-def _share_this_torch(target: Path) -> bool:
-    """Put this environment's torch (when it is TORCH_HERE) on the new venv's path instead of installing it again: the
-    same files, already compiled, and pip sees it installed (its dist-info comes along); ~35 s of a fresh venv."""
+def _installed_here() -> dict:
+    """This environment's distributions by normalized name."""
     import importlib.metadata
+
+    return {_norm(d.metadata["Name"]): d for d in importlib.metadata.distributions() if d.metadata["Name"]}
+
+
+def _tops(dist) -> set[str]:
+    """The top-level names a distribution puts in site-packages (packages, modules, its dist-info, its .libs)."""
+    return {Path(f).parts[0] for f in dist.files or [] if Path(f).parts and Path(f).parts[0] not in ("..", "__pycache__")}
+
+
+def _shareable(requirements: list[str], present: set[str]) -> dict:
+    """What this environment already holds of the requirements (at the pinned version where one is pinned) and of their
+    dependencies, transitively: each a distribution whose top-level names no other distribution here also uses, and
+    none the new venv holds already (`present`: its pip and setuptools, found first on its path)."""
+    from packaging.requirements import Requirement
+
+    here = _installed_here()
+    owners: dict[str, set[str]] = {}
+    for name, dist in here.items():
+        for top in _tops(dist):
+            owners.setdefault(top, set()).add(name)
+    chosen: dict = {}
+    queue = [Requirement(r) for r in requirements]
+    while queue:
+        req = queue.pop()
+        name = _norm(req.name)
+        dist = here.get(name)
+        if name in chosen or name in present or dist is None or not req.specifier.contains(dist.version, prereleases=True):
+            continue
+        if not dist.files or any(owners[top] != {name} for top in _tops(dist)):
+            continue
+        chosen[name] = dist
+        for dep in map(Requirement, dist.requires or []):
+            if dep.marker is None or dep.marker.evaluate({"extra": ""}):
+                queue.append(Requirement(dep.name))  # the version here satisfied this environment; the dry run checks the rest
+    return chosen
+
+
+def _share_installed(target: Path, requirements: list[str]) -> Path:
+    """Put this environment's copies of what the new venv needs on its path instead of installing them again (torch and
+    its dependencies, numpy, pyarrow, DeepSpeed, ...): the same files, already compiled, and pip sees them installed
+    (their dist-info comes along). Returns a constraints file pinning each shared distribution to its version: pip must
+    keep them (replacing one would uninstall it, through the links, from this environment) or fail."""
     import sysconfig
 
-    try:
-        dist = importlib.metadata.distribution("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    if dist.version.split("+")[0] != TORCH_HERE.split("==")[1] or not hasattr(dist, "_path"):
-        return False
-    site_here = Path(dist._path).parent
-    shared = target / "shared-torch"
+    shared = target / "shared-site"
     shared.mkdir()
-    for name in [*dist.read_text("top_level.txt").split(), Path(dist._path).name]:
-        (shared / name).symlink_to(site_here / name)
     purelib = sysconfig.get_path("purelib", vars={"base": str(target), "platbase": str(target)})
-    Path(purelib, "shared_torch.pth").write_text(f"{shared}\n")
-    return True
+    present = {_norm(p.name.split("-")[0]) for p in Path(purelib).glob("*.dist-info")}
+    Path(purelib, "shared_site.pth").write_text(f"{shared}\n")
+    chosen = _shareable(requirements, present)
+    for dist in chosen.values():
+        site_here = Path(dist.locate_file(""))
+        for top in _tops(dist):
+            (shared / top).symlink_to(site_here / top)
+    constraints = target / "shared-constraints.txt"
+    constraints.write_text("".join(f"{dist.metadata['Name']}=={dist.version}\n" for dist in chosen.values()))
+    return constraints
 
 
 def build_venv(target: Path) -> Path:
@@ -100,10 +140,12 @@ def build_venv(target: Path) -> Path:
     stamp = target / ".requirements"
     digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()
     if not (python.exists() and stamp.exists() and stamp.read_text() == digest):
+        install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements]
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(target)], check=True)
-        if not _share_this_torch(target):
-            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", TORCH_HERE], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements], check=True)
+        if subprocess.run([*install, "-c", str(_share_installed(target, requirements))]).returncode != 0:
+            # what is shared here does not fit the image's pins: everything installed into the venv instead
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(target)], check=True)
+            subprocess.run(install, check=True)
         stamp.write_text(digest)
     listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"], check=True,
                             capture_output=True, text=True).stdout.split()  # fmt: skip
