@@ -38,7 +38,7 @@ def run_cli(args, cwd, timeout=600, ray_address=""):
     return subprocess.run([sys.executable, "-m", "asclepius.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
-def test_the_console_is_quiet_and_every_stage_shows(tmp_path):
+def test_the_console_is_quiet_and_every_stage_shows(tmp_path, ray_local):
     with openai_test_server(rpm=100000, tpm=10**9, latency_s=0.3, completion_tokens=12) as server:
         (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(demo_like(tmp_path, server)))
         quiet = run_cli(["run", "--config", str(tmp_path / "cfg.yaml")], tmp_path)
@@ -56,8 +56,9 @@ def test_the_console_is_quiet_and_every_stage_shows(tmp_path):
         assert f"logs: {tmp_path / 'run' / 'logs' / 'asclepius.log'}" in text
         log = (tmp_path / "run" / "logs" / "asclepius.log").read_text()
         assert "Started a local Ray instance" in log or "streaming_executor" in log or "teacher synthesize" in log  # the full log
-        # --verbose: Ray's own lines come back
-        verbose = run_cli(["run", "--config", str(tmp_path / "cfg.yaml"), "--force", "--stage", "notes", "--verbose"], tmp_path)
+        # --verbose: Ray's own lines come back (on a running instance, the session's: the quiet run above started its own)
+        verbose = run_cli(["run", "--config", str(tmp_path / "cfg.yaml"), "--force", "--stage", "notes", "--verbose"], tmp_path,
+                          ray_address=ray_local.get_runtime_context().gcs_address)  # fmt: skip
         assert verbose.returncode == 0 and ("INFO" in verbose.stderr)
 
 
