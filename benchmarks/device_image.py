@@ -7,8 +7,9 @@
 The image ('cuda', as /work/.library/device/KINDS.md read it on 2026-11-17) runs Python 3.12 with torch 2.11.0+cu130
 and transformers 5.17.0, and has no Ray, DeepSpeed, pydantic or flash-attn. The venv pins transformers and its
 companions to the image's versions; torch is this machine's CPU build (2.13.0: no other CPU wheel is reachable here)
-and Python is this machine's. After installing, every package in the venv must be one the image has or one that is
-carried: a dependency the image lacks fails here, not on the device.
+and Python is this machine's. What this project's environment already holds at the version the venv needs (torch and
+its dependencies, numpy, pyarrow, DeepSpeed, ...) is linked, not installed again. After installing, every package in
+the venv must be one the image has or one that is carried: a dependency the image lacks fails here, not on the device.
 """
 
 from __future__ import annotations
