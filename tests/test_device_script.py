@@ -32,6 +32,16 @@ def test_every_carried_package_is_one_the_image_lacks():
     assert {"ray", "deepspeed", "pydantic", "flash-attn"}.isdisjoint(image - {"deepspeed"})
 
 
+def test_the_venv_shares_only_what_this_environment_holds_at_the_needed_version():
+    import importlib.metadata
+
+    shared = device_image._shareable(["torch==2.13.0", "transformers==5.17.0", "pyarrow"], present={"pip", "setuptools"})
+    assert {"torch", "pyarrow", "sympy", "networkx"} <= set(shared)  # torch's own dependencies come along
+    assert importlib.metadata.version("transformers") != "5.17.0" and "transformers" not in shared  # the image's pin: installed
+    assert "setuptools" not in shared  # the new venv holds its own, found first on its path
+    assert not device_image._shareable(["torch==2.11.0"], present=set())  # another version: nothing of it
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     python = device_image.build_venv(ROOT / ".device-venv")
