@@ -27,14 +27,9 @@ if TEST_PROCESSES > 1:
 #   Kept instead, the next stage's tasks reuse them.
 # - Every process exports its metrics every 10 s by default; a test that scrapes them waits for an export (and one
 #   that a value outlives an export waits for two). Every 2 s instead.
-# - A raylet starts a worker process per CPU for the first driver, before any task asks for one; the tests' jobs
-#   mostly want workers of their own (another job, another runtime_env) and those sit idle, ~1.5 CPU-s each to start.
-#   Started when a task asks instead: tests/teacher/test_production.py and tests/evaluate/test_evaluate_stage.py
-#   together took 134-140 s instead of 150-167 s (two runs each, alternating).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_num_workers_soft_limit", "6")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
-os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 @pytest.fixture(scope="session")
