@@ -9,8 +9,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 # TEST_WORKERS=2 runs the suite in two processes, each test file whole in one (its module's servers and models load
-# once), each with its own Ray instance: on 2 cores ~94 % busy instead of 72 %, 17–26 min instead of ~28. Not the
-# default: in 1 of 4 fresh-clone runs two CLI runs' new Ray instances timed out starting (GCS deadline) under that load.
+# once), each with its own Ray instance. Not the default: on 2 cores it is no faster (fresh clones of one commit:
+# 1,649 s against 1,686 s in one process); the two sessions' Ray processes and training workers slow each other
+# (Ray Train's file 626 s against 263 s alone, the demo's fine-tune 273 s against 123 s).
 TEST_WORKERS ?= 1
 
 .PHONY: demo test install clean
