@@ -108,7 +108,8 @@ def _shareable(requirements: list[str], present: set[str]) -> dict:
         chosen[name] = dist
         for dep in map(Requirement, dist.requires or []):
             if dep.marker is None or dep.marker.evaluate({"extra": ""}):
-                queue.append(Requirement(dep.name))  # the version here fits this environment; the constraints file makes pip say if it does not fit the venv
+                # the version here fits this environment; the constraints file makes pip say if it does not fit the venv
+                queue.append(Requirement(dep.name))
     return chosen
 
 
