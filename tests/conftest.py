@@ -73,3 +73,40 @@ def no_named_actor_outlives_its_test():
                 ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
             except ValueError:  # gone meanwhile
                 pass
+
+
+# The device dry run's venv (tests/test_device_script.py) is pip's work: ~50-60 s in a fresh clone, on about one core
+# and partly waiting on the package index. Started as the session starts, at low priority, it is built by the time its
+# test comes, from cores the earlier tests leave idle; the test builds it itself if this did not finish it (so a failed
+# build's error shows there). One process only: two sessions (`TEST_WORKERS=2`) would build into one folder at once.
+DEVICE_DRY_RUN = "tests/test_device_script.py::test_the_dry_run_goes_through_every_step_in_the_device_images_packages"
+_device_venv_build = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER") or not any(item.nodeid == DEVICE_DRY_RUN for item in session.items):
+        return
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cache = getattr(session.config, "cache", None)  # absent under -p no:cacheprovider
+    log = open(cache.mkdir("device-venv") / "build.log", "w") if cache else subprocess.DEVNULL
+    session.config.stash[_device_venv_build] = subprocess.Popen(
+        [sys.executable, str(root / "benchmarks" / "device_image.py"), "--venv", str(root / ".device-venv")], cwd=root,
+        stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))  # fmt: skip
+
+
+def pytest_sessionfinish(session):
+    build = session.config.stash.get(_device_venv_build, None)
+    if build is not None and build.poll() is None:  # the session ended first: a half-built venv has no stamp, and is built anew
+        build.kill()
+        build.wait()
+
+
+@pytest.fixture(scope="session")
+def device_venv_build(request):
+    """Waits for the background build of the device venv, if this session started one."""
+    build = request.config.stash.get(_device_venv_build, None)
+    if build is not None:
+        build.wait()

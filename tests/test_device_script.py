@@ -43,8 +43,8 @@ def test_the_venv_shares_only_what_this_environment_holds_at_the_needed_version(
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    python = device_image.build_venv(ROOT / ".device-venv")
+def dry_run(tmp_path_factory, device_venv_build):
+    python = device_image.build_venv(ROOT / ".device-venv")  # at once when the session's background build made it
     out = tmp_path_factory.mktemp("device-out")
     proc = subprocess.run([str(python), "benchmarks/device_run.py", "--cpu-dry-run", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
