@@ -79,12 +79,11 @@ def no_named_actor_outlives_its_test():
 # and partly waiting on the package index. Started as the session starts, at low priority, it is built by the time its
 # test comes, from cores the earlier tests leave idle; the test builds it itself if this did not finish it (so a failed
 # build's error shows there). One process only: two sessions (`TEST_WORKERS=2`) would build into one folder at once.
-DEVICE_DRY_RUN = "tests/test_device_script.py::test_the_dry_run_goes_through_every_step_in_the_device_images_packages"
 _device_venv_build = pytest.StashKey()
 
 
 def pytest_collection_finish(session):
-    if os.environ.get("PYTEST_XDIST_WORKER") or not any(item.nodeid == DEVICE_DRY_RUN for item in session.items):
+    if os.environ.get("PYTEST_XDIST_WORKER") or not any("device_venv_build" in item.fixturenames for item in session.items):
         return
     import subprocess
     from pathlib import Path
@@ -95,6 +94,8 @@ def pytest_collection_finish(session):
     session.config.stash[_device_venv_build] = subprocess.Popen(
         [sys.executable, str(root / "benchmarks" / "device_image.py"), "--venv", str(root / ".device-venv")], cwd=root,
         stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))  # fmt: skip
+    if log is not subprocess.DEVNULL:
+        log.close()  # the build holds its own copy
 
 
 def pytest_sessionfinish(session):
@@ -106,7 +107,8 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture(scope="session")
 def device_venv_build(request):
-    """Waits for the background build of the device venv, if this session started one."""
+    """Waits for the background build of the device venv, if this session started one (it does for every session that
+    selects a test using this fixture)."""
     build = request.config.stash.get(_device_venv_build, None)
     if build is not None:
         build.wait()
