@@ -17,8 +17,9 @@ from asclepius.models import load_model, load_tokenizer, resolve_model_source, s
 from asclepius.recipe import load_recipe  # noqa: E402
 from asclepius.serve.engine import Engine, GenRequest  # noqa: E402
 from asclepius.train.adapters import merged_state_dict  # noqa: E402
-from asclepius.train.data import collate, epoch_rows, instruction_example, packed_table, pretraining_blocks  # noqa: E402
-from asclepius.train.loop import CHECKPOINT_TAG, TrainContext, train  # noqa: E402
+from asclepius.train.adapters import add_adapter  # noqa: E402
+from asclepius.train.data import collate, epoch_rows, instruction_example, model_inputs, packed_table, pretraining_blocks, pretraining_table  # noqa: E402
+from asclepius.train.loop import CHECKPOINT_TAG, TrainContext, next_token_loss, train  # noqa: E402
 from asclepius.train.settings import torch_extensions_dir  # noqa: E402
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
@@ -135,6 +136,40 @@ def test_each_family_fine_tunes_exports_and_answers(source, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("source", FAMILIES)
+def test_the_loss_projects_only_the_labelled_positions_and_is_transformers_own(source):
+    tok = load_tokenizer(source)
+    torch.manual_seed(0)
+    models = {"full": load_model(source), "lora": add_adapter(load_model(source), lora_hp())}
+    examples = [instruction_example(tok, load_recipe().model_prompt, n, q, a, 256) for n, q, a in QA]
+    alone = [packed_table([ex], len(ex), tok.eos_token_id).to_pylist()[0] for ex in examples]  # rows of their own lengths
+    pretraining = pretraining_table(pretraining_blocks([tok.encode(" ".join(n for n, _, _ in QA))], tok.bos_token_id, tok.eos_token_id, 32))
+    batches = {"two rows, answers at different places": collate(alone[:2]), "four examples packed in a row": collate(instruction_rows(tok)[:1]),
+               "a pretraining block": collate(pretraining.to_pylist()[:1])}  # fmt: skip
+    for kind, model in models.items():
+        model.train(False)  # (no dropout: the two computations see the same network)
+        projected_rows = []
+        model.get_output_embeddings().register_forward_hook(lambda m, args, out: projected_rows.append(args[0].shape[:-1].numel()))
+        for name, batch in batches.items():
+            inputs = model_inputs(batch, torch.float32, "mask")
+            model.zero_grad()
+            expected = model(**inputs).loss  # transformers' ForCausalLMLoss over logits at every position
+            expected.backward()
+            expected_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            model.zero_grad()
+            loss, projected = next_token_loss(model, dict(inputs))
+            loss.backward()
+            assert torch.allclose(loss, expected, atol=1e-5), (kind, name)
+            assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip([p for p in model.parameters() if p.requires_grad], expected_grads)), (kind, name)
+            labels, (rows, length) = batch["labels"], batch["labels"].shape
+            next_labelled = (labels[:, 1:] != -100).any(0)  # positions whose next token is learned, in any row
+            assert projected_rows[-1] == projected == rows * int(next_labelled.sum()), (kind, name)
+            if name == "a pretraining block":
+                assert projected == rows * (length - 1)  # every position but the last
+            else:
+                assert projected < 0.5 * rows * length  # the notes and questions are not projected
+
+
 def lora_hp(**over):
     return hyperparams(**{"method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "lr": 1e-2, **over})
 
