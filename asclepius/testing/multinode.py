@@ -84,15 +84,28 @@ print(json.dumps([{"class_name": a.class_name, "node_id": a.node_id} for a in li
 
 
 def kill_ray_processes_under(root: Path) -> None:
-    """Stop the Ray processes whose command lines name `root` (their temp dir) — never `ray stop`."""
+    """Stop the Ray processes whose temp dir is `root` — never `ray stop`. A process is one of them when its command
+    line names `root`, when its environment does (TMPDIR), or when it descends from one that does: Ray's agents and
+    workers retitle themselves `ray::DashboardAgent`, `ray::IDLE`…, so their command lines no longer name it, and a
+    dashboard agent left behind its killed raylet was seen spinning at ~90 % of a core for a minute."""
     import psutil
 
+    root, found = str(root), {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(str(root) in part for part in proc.info["cmdline"] or []):
-                proc.kill()
+            if proc.pid == os.getpid():
+                continue
+            if any(root in part for part in proc.info["cmdline"] or []) or any(root in value for value in proc.environ().values()):
+                found[proc.pid] = proc
+                found.update((child.pid, child) for child in proc.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # (ZombieProcess is a NoSuchProcess)
+            pass
+    for proc in found.values():
+        try:
+            proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+    psutil.wait_procs(list(found.values()), timeout=10)  # gone before the caller removes their folder
 
 
 @contextmanager
