@@ -162,11 +162,13 @@ def make_optimizer(model, hp: TrainHyperparams, device: str):
     return torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.adam_betas), eps=hp.adam_eps, weight_decay=hp.weight_decay, **fused)
 
 
+def numel(p) -> int:
+    """A parameter's size, also when ZeRO-3 holds only this rank's shard of it."""
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
 def compute_params(model) -> int:
     """Parameters that cost matmul FLOPs per token: all of them, less an untied input embedding (a table lookup)."""
-    def numel(p):
-        return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-
     total = sum(numel(p) for p in model.parameters())
     embed = model.get_input_embeddings().weight
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -175,8 +177,7 @@ def compute_params(model) -> int:
 
 def output_projection_params(model) -> int:
     """The vocabulary projection's parameters (lm_head): its FLOPs are paid only where logits are computed."""
-    weight = model.get_output_embeddings().weight
-    return weight.ds_numel if hasattr(weight, "ds_numel") else weight.numel()
+    return numel(model.get_output_embeddings().weight)
 
 
 def next_token_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
@@ -186,10 +187,9 @@ def next_token_loss(model, inputs: dict) -> tuple[torch.Tensor, int]:
     the projection is a fifth of SmolLM2-135M's matmuls, and a 2,048-token row's fp32 logits at Llama 3's 128k
     vocabulary take 1 GiB. One index list for the micro-batch (the union of its rows' positions), because
     transformers takes a 1-D `logits_to_keep` for every row alike."""
-    labels = inputs.pop("labels")
-    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
+    targets = torch.nn.functional.pad(inputs["labels"], (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
-    logits = model(**inputs, logits_to_keep=keep).logits
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep).logits
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
     return loss, targets.shape[0] * keep.numel()
 
