@@ -66,7 +66,7 @@ def test_the_cpu_report_under_xdist_gives_the_total_alone():
 
     lines = summary_lines({}, Cost(cpu_s=2400.0, wall_s=1500.0), stolen_s=31.0, n_cores=2)
     assert lines == ["2,400 CPU-s busy in 1,500 s on 2 cores (80% of them); stolen by the host: 31 s",
-                     "so the suite takes at least 1,200 s (20.0 min) here, in any order and any number of processes"]  # fmt: skip
+                     "so this much work takes at least 1,200 s (20.0 min) here, in any order and any number of processes"]  # fmt: skip
     files = {f"tests/test_{i}.py": Cost(cpu_s=float(i), wall_s=1.0) for i in range(20)}
     table = summary_lines(files, Cost(cpu_s=190.0, wall_s=20.0), 0.0, 2, top=3)[3:]
     assert [line.split()[-1] for line in table] == ["tests/test_19.py", "tests/test_18.py", "tests/test_17.py"]

@@ -11,7 +11,6 @@ Under pytest-xdist two tests run at once and the machine's time cannot be split 
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,10 +29,7 @@ def busy_and_stolen_cpu_s() -> tuple[float, float]:
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return psutil.cpu_count() or 1
+    return psutil.cpu_count() or 1  # the machine's, as the busy time is
 
 
 @dataclass
@@ -47,7 +43,7 @@ def summary_lines(by_file: dict[str, Cost], total: Cost, stolen_s: float, n_core
     floor = total.cpu_s / n_cores
     lines = [f"{total.cpu_s:,.0f} CPU-s busy in {total.wall_s:,.0f} s on {n_cores} cores "
              f"({total.cpu_s / max(total.wall_s * n_cores, 1e-9):.0%} of them); stolen by the host: {stolen_s:,.0f} s",
-             f"so the suite takes at least {floor:,.0f} s ({floor / 60:.1f} min) here, in any order and any number of processes"]  # fmt: skip
+             f"so this much work takes at least {floor:,.0f} s ({floor / 60:.1f} min) here, in any order and any number of processes"]  # fmt: skip
     if by_file:
         lines.append(f"the {min(top, len(by_file))} test files using most CPU (CPU-s, wall s, share of the cores):")
         for path, cost in sorted(by_file.items(), key=lambda kv: -kv[1].cpu_s)[:top]:
